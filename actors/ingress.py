@@ -1,0 +1,219 @@
+"""The ingress actor: validates and tokenizes requests, keeps the request registry, routes outputs back.
+
+Callers (Engine, the HTTP server) `open()` a request and read its RequestOutputs from the returned handle;
+the actor loop routes the detokenizer's output batches to the handles. Tokenization runs in a worker thread,
+off the event loop. Bad input raises InvalidRequestError naming the field before anything is registered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from radixserve.actors.mailbox import Inbox, MailboxClosed, Outbox
+from radixserve.actors.messages import (
+    AbortReason,
+    AbortRequest,
+    DetokenizerInbox,
+    EngineFailed,
+    IngressInbox,
+    OutputBatch,
+    RegisterRequest,
+    RequestOutput,
+    SchedulerInbox,
+    SubmitRequest,
+)
+from radixserve.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from radixserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class RequestHandle:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    outputs: MemoryObjectReceiveStream[RequestOutput]
+    finished: bool = False
+
+
+class Ingress:
+    def __init__(
+        self,
+        tokenizer: Any,
+        limits: ModelLimits,
+        inbox: Inbox[IngressInbox],
+        scheduler: Outbox[SchedulerInbox],
+        detokenizer: Outbox[DetokenizerInbox],
+        max_outstanding: int | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.inbox = inbox
+        self.scheduler = scheduler
+        self.detokenizer = detokenizer
+        self.max_outstanding = max_outstanding
+        self.chat_template = chat_template
+        self._handles: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        self._counter = itertools.count()
+        self.dead: str | None = None
+
+    @property
+    def num_outstanding(self) -> int:
+        return len(self._handles)
+
+    async def open(
+        self,
+        *,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        rid: str | None = None,
+        priority: int = 0,
+    ) -> RequestHandle:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        params = self._params(sampling_params)
+        ids = await self._tokenize(prompt, input_ids, messages)
+        max_new = self._max_new_tokens(len(ids), params)
+        if self.max_outstanding is not None and len(self._handles) >= self.max_outstanding:
+            raise QueueFullError(f"too many requests waiting ({len(self._handles)}); try again later")
+        rid = rid or f"{uuid.uuid4().hex[:16]}-{next(self._counter)}"
+        if rid in self._handles:
+            raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
+        self._handles[rid] = send
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids.update(self.limits.eos_token_ids)
+        await self.detokenizer.send(RegisterRequest(rid, ids, params))
+        await self.scheduler.send(
+            SubmitRequest(rid, ids, params, max_new, sorted(stop_ids), time.monotonic(), priority)
+        )
+        return RequestHandle(rid, ids, params, receive)
+
+    async def abort(self, rid: str) -> None:
+        if rid in self._handles:
+            await self.scheduler.send(AbortRequest(rid, AbortReason.CLIENT))
+
+    def _params(self, sampling_params: SamplingParams | dict[str, Any] | None) -> SamplingParams:
+        if sampling_params is None:
+            params = SamplingParams()
+        elif isinstance(sampling_params, SamplingParams):
+            params = sampling_params
+        elif isinstance(sampling_params, dict):
+            params = SamplingParams.from_dict(sampling_params)
+        else:
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams or a dict")
+        return params.validate(self.limits.vocab_size)
+
+    async def _tokenize(
+        self, prompt: str | None, input_ids: Sequence[int] | None, messages: list[dict[str, Any]] | None
+    ) -> list[int]:
+        given = [name for name, v in (("prompt", prompt), ("input_ids", input_ids), ("messages", messages))
+                 if v is not None]
+        if len(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of prompt, input_ids or messages")
+        if input_ids is not None:
+            ids = list(input_ids)
+            if any(not isinstance(t, int) or not 0 <= t < self.limits.vocab_size for t in ids):
+                raise InvalidRequestError("input_ids", f"token ids must be ints in [0, {self.limits.vocab_size})")
+        elif messages is not None:
+            if not messages:
+                raise InvalidRequestError("messages", "must not be empty")
+            ids = await anyio.to_thread.run_sync(self._apply_chat_template, messages)
+        else:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("prompt", "must be a string")
+            ids = await anyio.to_thread.run_sync(self._encode, prompt) if prompt else []
+        if not ids:
+            raise InvalidRequestError(given[0], "the prompt is empty")
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def _apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, chat_template=self.chat_template,
+                return_dict=False,
+            )
+        except Exception as e:  # a template that rejects the messages (roles, types) is the user's input
+            raise InvalidRequestError("messages", f"chat template failed: {e}") from None
+        return list(out)
+
+    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        ctx = self.limits.context_length
+        if prompt_len >= ctx:
+            raise ContextLengthError(
+                "prompt", f"the prompt has {prompt_len} tokens; the context length is {ctx}"
+            )
+        if params.max_new_tokens is None:
+            return ctx - prompt_len
+        if prompt_len + params.max_new_tokens > ctx:
+            raise ContextLengthError(
+                "max_new_tokens",
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
+                f"length {ctx}",
+            )
+        return params.max_new_tokens
+
+    async def run(self) -> None:
+        try:
+            while True:
+                msg = await self.inbox.receive()
+                match msg:
+                    case OutputBatch():
+                        for out in msg.outputs:
+                            self._route(out)
+                    case EngineFailed():
+                        self.fail_all(msg.message)
+                    case _:
+                        assert_never(msg)
+        except MailboxClosed:
+            self.fail_all(self.dead or "the engine stopped")
+
+    def _route(self, out: RequestOutput) -> None:
+        send = self._handles.get(out.rid)
+        if send is None:
+            return
+        try:
+            send.send_nowait(out)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the caller went away; its abort is on the way
+        if out.finish_reason is not None:
+            del self._handles[out.rid]
+            send.close()
+
+    def fail_all(self, message: str) -> None:
+        """Every open request ends with an error: nothing may wait forever on a dead engine."""
+        self.dead = message
+        for rid, send in list(self._handles.items()):
+            try:
+                send.send_nowait(RequestOutput(rid, "", [], error=message))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            send.close()
+        self._handles.clear()

@@ -1,0 +1,402 @@
+"""The scheduler's logic, free of I/O: admit, plan a step, apply its result. Tested on fabricated results.
+
+One step spends a token budget: one token for each decoding request, then prompt chunks of running and
+newly admitted requests ("computed tokens catch up with tokens": a decode is an extend of length 1).
+Overlap: `schedule()` may issue step N+1 while step N is in flight; a row that needs the token step N samples
+refers to it by row (`prev_rows`), and slots are released only once no issued step can touch them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from radixserve.actors.kv_manager import KVManager
+from radixserve.actors.messages import (
+    AbortReason,
+    NewRequest,
+    PromptLogprobs,
+    RequestUpdate,
+    StepPlan,
+    StepResult,
+    SubmitRequest,
+)
+from radixserve.actors.request_state import Req, ReqStatus
+from radixserve.actors.schedule_policy import order_waiting
+from radixserve.outputs import FinishReason, TokenLogprob
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    num_slots: int
+    max_rows: int
+    chunked_prefill_size: int = 8192
+    max_prefill_tokens: int = 16384
+    max_running_requests: int = 256
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    overlap: bool = True
+    new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
+
+
+@dataclass(slots=True)
+class _IssuedStep:
+    step: int
+    reqs: list[Req]
+    sampled: list[bool]
+    prompt_done: list[bool]  # the row's chunk reached the end of its known tokens
+    logprob_rows: list[int] = field(default_factory=list)
+
+
+class SchedulerCore:
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
+        self.reqs: dict[str, Req] = {}
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # admitted and not yet released (finished ones may still be in flight)
+        self._free_rows = list(range(cfg.max_rows - 1, -1, -1))
+        self._released_rows: list[int] = []
+        self._issued: deque[_IssuedStep] = deque()
+        self._next_step = 0
+        self.new_token_ratio = cfg.new_token_ratio
+        # Counters for tests and metrics.
+        self.num_retractions = 0
+        self.num_prefill_tokens = 0
+        self.num_forward_steps = 0
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    def submit(self, msg: SubmitRequest) -> None:
+        stop_ids = frozenset(msg.eos_token_ids)
+        req = Req(msg.rid, list(msg.input_ids), msg.params, msg.max_new_tokens, stop_ids, msg.arrival_time,
+                  msg.priority)
+        self.reqs[req.rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: str, reason: AbortReason) -> list[RequestUpdate]:
+        """Finish `rid` now (idempotent; unknown or finished ids are ignored)."""
+        req = self.reqs.get(rid)
+        if req is None or req.finished:
+            return []
+        finish = FinishReason.STOP if reason == AbortReason.STOP_STRING else FinishReason.ABORT
+        req.finish(finish)
+        if req.status == ReqStatus.WAITING:
+            self.waiting.remove(req)
+            del self.reqs[rid]
+        elif req.inflight == 0:
+            self._release(req)
+        return [self._update(req)]
+
+    def fail_all(self, message: str) -> list[RequestUpdate]:
+        """A worker died: every request ends with an error; nothing in flight will ever complete."""
+        updates = [
+            RequestUpdate(req.rid, [], finish_reason=FinishReason.ABORT, error=message)
+            for req in self.reqs.values()
+            if not req.finished or req.num_reported < req.num_final_outputs
+        ]
+        self.reqs.clear()
+        self.waiting.clear()
+        self.running.clear()
+        self._issued.clear()
+        return updates
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_inflight_steps(self) -> int:
+        return len(self._issued)
+
+    def schedule(self) -> StepPlan | None:
+        """The next step to issue, or None when there is nothing to do or it must wait for a result."""
+        if len(self._issued) >= (2 if self.cfg.overlap else 1) or not self.has_work:
+            return None
+        last_step = self._next_step - 1
+        while True:
+            decode, extend = self._runnable(last_step)
+            # Memory pressure: decode rows need one slot each; retract (after draining) until they fit.
+            if len(decode) > self.kv.available and self._issued:
+                return None  # retraction needs a quiet pipeline; the results in flight come back first
+            if len(decode) > self.kv.available and self._retract_one() is not None:
+                continue
+            rows = self._plan_rows(decode, extend)
+            if rows or self._issued or self._retract_one() is None:
+                break
+            # Running prompts hold all the memory and none can advance: retract one and try again.
+        if not rows:
+            return None
+        return self._build_plan(rows, last_step)
+
+    def _plan_rows(self, decode: list[Req], extend: list[Req]) -> list[tuple[Req, int]]:
+        budget = self.cfg.chunked_prefill_size
+        rows: list[tuple[Req, int]] = [(req, 1) for req in decode[: min(budget, self.kv.available)]]
+        budget -= len(rows)
+        prefill_budget = min(budget, self.cfg.max_prefill_tokens)
+        for req in extend:
+            if prefill_budget <= 0:
+                break
+            n = min(req.num_tokens - req.planned_len, prefill_budget, self.kv.available - len(rows))
+            if n <= 0:
+                break
+            rows.append((req, n))
+            prefill_budget -= n
+        self._admit(rows, prefill_budget)
+        return rows
+
+    def _runnable(self, last_step: int) -> tuple[list[Req], list[Req]]:
+        decode: list[Req] = []
+        extend: list[Req] = []
+        for req in self.running:
+            if req.finished or (req.pending_step >= 0 and req.pending_step != last_step):
+                continue
+            remaining = req.num_tokens - req.planned_len
+            if remaining <= 0:
+                continue
+            if remaining == 1 and req.max_new_tokens > 0 and not req.wants_sample:
+                continue  # its last sample is in flight: it finishes by length when applied
+            (decode if remaining == 1 else extend).append(req)
+        return decode, extend
+
+    def _admit(self, rows: list[tuple[Req, int]], budget: int) -> None:
+        if not self.waiting or budget <= 0:
+            return
+        reserved = sum(
+            int(r.remaining_new_tokens * self.new_token_ratio) + (r.num_tokens - r.planned_len)
+            for r in self.running
+            if not r.finished
+        ) + sum(n for _, n in rows)
+        for req in order_waiting(self.cfg.schedule_policy, self.waiting, self.kv.prefix_match_len):
+            if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
+                break
+            self.kv.match_and_lock(req)
+            need = (req.num_tokens - req.planned_len) + int(req.remaining_new_tokens * self.new_token_ratio)
+            if self.kv.available - reserved < min(need, self.kv.total_slots - reserved) or (
+                self.running and self.kv.available - reserved < need
+            ):
+                self._unlock_prefix(req)
+                break
+            n = min(req.num_tokens - req.planned_len, budget, self.kv.available - sum(k for _, k in rows))
+            if n <= 0:
+                self._unlock_prefix(req)
+                break
+            self.waiting.remove(req)
+            req.status = ReqStatus.RUNNING
+            req.row = self._free_rows.pop()
+            if not req.admitted_once:
+                req.cached_tokens = req.prefix_len
+                req.admitted_once = True
+                if req.params.prompt_logprobs is not None:
+                    req.prompt_logprobs = [None]
+            self.running.append(req)
+            rows.append((req, n))
+            reserved += need
+            budget -= n
+
+    def _build_plan(self, rows: list[tuple[Req, int]], last_step: int) -> StepPlan:
+        step = self._next_step
+        self._next_step += 1
+        req_rows, seq_lens, extend_lens, prev_rows, sample_mask, output_lens = [], [], [], [], [], []
+        input_ids: list[int] = []
+        out_slots: list[np.ndarray] = []
+        new_requests: list[NewRequest] = []
+        record = _IssuedStep(step, [], [], [])
+        prompt_lp: list[tuple[int, int, int]] = []
+        for b, (req, n) in enumerate(rows):
+            slots = self.kv.alloc(n)
+            assert slots is not None, "scheduler planned more slots than are available"
+            start = req.planned_len
+            if start == req.prefix_len and len(req.slots) == req.prefix_len:
+                new_requests.append(self._new_request(req))
+            done = start + n == req.num_tokens
+            sample = done and req.wants_sample
+            if req.pending_step >= 0:  # the input is the token step `last_step` samples for this request
+                assert n == 1 and req.pending_step == last_step
+                prev_rows.append(req.pending_row)
+                input_ids.append(0)
+            else:
+                prev_rows.append(-1)
+                input_ids.extend(req.tokens()[start : start + n])
+            if req.prompt_logprobs is not None and start < len(req.prompt_ids):
+                after = req.prompt_ids[start + n] if start + n < len(req.prompt_ids) else -1
+                prompt_lp.append((b, req.params.prompt_logprobs or 0, after))
+            req_rows.append(req.row)
+            seq_lens.append(start + n)
+            extend_lens.append(n)
+            sample_mask.append(sample)
+            output_lens.append(len(req.output_ids) + (req.pending_step >= 0))
+            out_slots.append(slots)
+            req.slots.extend(slots.tolist())
+            req.planned_len = start + n
+            req.inflight += 1
+            if sample:
+                req.pending_step, req.pending_row = step, b
+            record.reqs.append(req)
+            record.sampled.append(sample)
+            record.prompt_done.append(done)
+            if sample and req.params.logprobs is not None:
+                record.logprob_rows.append(b)
+            self.num_prefill_tokens += n if n > 1 or prev_rows[-1] < 0 else 0
+        self._issued.append(record)
+        self.num_forward_steps += 1
+        released, self._released_rows = self._released_rows, []
+        return StepPlan(
+            step=step,
+            req_rows=_i32(req_rows),
+            seq_lens=_i32(seq_lens),
+            extend_lens=_i32(extend_lens),
+            prev_rows=_i32(prev_rows),
+            sample_mask=np.asarray(sample_mask, dtype=np.uint8).tobytes(),
+            output_lens=_i32(output_lens),
+            input_ids=_i32(input_ids),
+            out_slots=np.concatenate(out_slots).astype("<i4").tobytes(),
+            new_requests=new_requests,
+            released_rows=released,
+            prompt_logprob_rows=prompt_lp,
+        )
+
+    def _new_request(self, req: Req) -> NewRequest:
+        penalty_ids = b""
+        if req.params.needs_penalties:
+            penalty_ids = _i32(req.tokens())
+        return NewRequest(
+            req_row=req.row,
+            params=req.params,
+            prefix_slots=_i32(req.slots[: req.prefix_len]),
+            penalty_ids=penalty_ids,
+            num_output_ids=len(req.output_ids),
+        )
+
+    # ------------------------------------------------------------------------------------------ results
+
+    def apply(self, result: StepResult) -> list[RequestUpdate]:
+        record = self._issued.popleft()
+        assert record.step == result.step, f"results out of order: got {result.step}, expected {record.step}"
+        tokens = np.frombuffer(result.tokens, dtype="<i4")
+        logprobs = _token_logprobs(result, record.logprob_rows)
+        prompt_lps = {p.row: p for p in result.prompt_logprobs}
+        touched: list[Req] = []
+        for b, req in enumerate(record.reqs):
+            req.inflight -= 1
+            if b in prompt_lps and req.prompt_logprobs is not None:
+                _append_prompt_logprobs(req.prompt_logprobs, req.prompt_ids, prompt_lps[b])
+            if record.sampled[b]:
+                token = int(tokens[b])
+                req.output_ids.append(token)
+                req.pending_step = req.pending_row = -1
+                if not req.finished:
+                    if b in logprobs:
+                        req.output_logprobs.append(logprobs[b])
+                    if token in req.stop_ids:
+                        req.finish(FinishReason.STOP, token)
+                    elif len(req.output_ids) >= req.max_new_tokens:
+                        req.finish(FinishReason.LENGTH)
+                    touched.append(req)
+            elif record.prompt_done[b] and req.max_new_tokens == 0 and not req.finished:
+                req.finish(FinishReason.LENGTH)
+                touched.append(req)
+            if req.finished and req.inflight == 0 and req.status == ReqStatus.RUNNING:
+                self._release(req)
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio, self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        return [self._update(req) for req in touched]
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _update(self, req: Req) -> RequestUpdate:
+        end = req.num_final_outputs if req.finished else len(req.output_ids)
+        new = req.output_ids[req.num_reported : end]
+        first = req.num_reported == 0
+        req.num_reported = end
+        logprobs = None
+        if req.params.logprobs is not None:
+            logprobs, req.output_logprobs = req.output_logprobs[: len(new)], []
+        prompt_lps = None
+        if req.prompt_logprobs is not None and (first and (new or req.finished)):
+            prompt_lps = req.prompt_logprobs
+        if req.finished:
+            self.reqs.pop(req.rid, None)
+        return RequestUpdate(
+            rid=req.rid,
+            token_ids=new,
+            logprobs=logprobs,
+            finish_reason=req.finish_reason,
+            matched_stop=req.matched_stop,
+            cached_tokens=req.cached_tokens,
+            prompt_logprobs=prompt_lps,
+        )
+
+    def _release(self, req: Req) -> None:
+        self.kv.release(req)
+        self.running.remove(req)
+        self._free_rows.append(req.row)
+        self._released_rows.append(req.row)
+        req.row = -1
+        req.status = ReqStatus.FINISHED
+
+    def _unlock_prefix(self, req: Req) -> None:
+        if req.last_node is not None:
+            self.kv.tree.unlock(req.last_node)
+        req.slots, req.prefix_len, req.planned_len, req.last_node = [], 0, 0, None
+
+    def _retract_one(self) -> Req | None:
+        """Preempt the latest-arrived running request; its KV goes to the cache, it re-queues to recompute."""
+        candidates = [r for r in self.running if not r.finished]
+        if len(candidates) <= 1:
+            return None
+        victim = max(candidates, key=lambda r: r.arrival_time)
+        self._release(victim)
+        victim.status = ReqStatus.WAITING
+        self.waiting.append(victim)
+        self.num_retractions += 1
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        return victim
+
+    def check_integrity(self) -> None:
+        """Raise unless every slot is free, cached or held by a running request (and rows add up)."""
+        self.kv.check_integrity()
+        held = sum(len(r.slots) - r.prefix_len for r in self.running)
+        if held != self.kv.private_slots:
+            raise AssertionError(f"running requests hold {held} private slots, the KV manager counts "
+                                 f"{self.kv.private_slots}")
+        if len(self._free_rows) + len(self.running) != self.cfg.max_rows:
+            raise AssertionError("request rows leaked")
+
+
+def _i32(values: list[int]) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def _token_logprobs(result: StepResult, rows: list[int]) -> dict[int, TokenLogprob]:
+    if not rows or not result.logprobs:
+        return {}
+    lps = np.frombuffer(result.logprobs, dtype="<f4")
+    k = result.top_k
+    ids = np.frombuffer(result.top_ids, dtype="<i4").reshape(-1, k) if k else None
+    tops = np.frombuffer(result.top_logprobs, dtype="<f4").reshape(-1, k) if k else None
+    tokens = np.frombuffer(result.tokens, dtype="<i4")
+    out = {}
+    for b in rows:
+        top = None
+        if ids is not None and tops is not None:
+            top = list(zip(ids[b].tolist(), tops[b].tolist(), strict=True))
+        out[b] = TokenLogprob(int(tokens[b]), float(lps[b]), top)
+    return out
+
+
+def _append_prompt_logprobs(out: list[TokenLogprob | None], prompt_ids: list[int], p: PromptLogprobs) -> None:
+    """Entry i of `out` is prompt token i's logprob given tokens before it; chunks arrive in order."""
+    lps = np.frombuffer(p.logprobs, dtype="<f4")
+    ids = np.frombuffer(p.top_ids, dtype="<i4").reshape(len(lps), p.top_k) if p.top_k else None
+    tops = np.frombuffer(p.top_logprobs, dtype="<f4").reshape(len(lps), p.top_k) if p.top_k else None
+    for i in range(len(lps)):
+        top = None
+        if ids is not None and tops is not None:
+            top = list(zip(ids[i].tolist(), tops[i].tolist(), strict=True))
+        out.append(TokenLogprob(prompt_ids[len(out)], float(lps[i]), top))

@@ -1,0 +1,84 @@
+"""Frozen, validated configuration. `EngineConfig` is what `Engine(...)` and launch_server's flags build.
+
+Every field is either honoured or rejected at start-up: a feature that is not built raises
+UnsupportedFeatureError here, never silently does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from radixserve.errors import UnsupportedFeatureError
+
+SchedulePolicy = Literal["lpm", "fcfs", "priority"]
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct, GGUF)
+    served_model_name: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    # KV pool: max_total_tokens wins over mem_fraction_static when set.
+    mem_fraction_static: float | None = None  # None: 0.85 on CUDA; the CPU uses cpu_kv_gib
+    max_total_tokens: int | None = None
+    cpu_kv_gib: float = 2.0
+    # Scheduling.
+    schedule_policy: SchedulePolicy = "lpm"
+    chunked_prefill_size: int = 8192  # token budget of one step (prefill chunks + one per decode row)
+    max_prefill_tokens: int = 16384  # prompt tokens admitted in one step at most
+    max_running_requests: int = 256
+    max_queued_requests: int | None = None  # None: unbounded waiting queue
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    new_token_ratio: float = 0.7  # initial share of max_new_tokens reserved for each running request
+    min_new_token_ratio: float = 0.1
+    # GPU path.
+    attention_backend: str = "auto"  # auto: flashinfer on CUDA, torch on the CPU
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 160
+    enable_torch_compile: bool = False
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    # Parallelism.
+    tp_size: int = 1
+    dp_size: int = 1
+    # Misc.
+    random_seed: int | None = None
+    chat_template: str | None = None
+    log_requests: bool = False
+    worker_start_timeout: float = 600.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.schedule_policy not in ("lpm", "fcfs", "priority"):
+            raise ValueError(f"schedule_policy must be lpm, fcfs or priority, got {self.schedule_policy!r}")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "cuda_graph_max_bs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.tp_size != 1 or self.dp_size != 1:
+            raise UnsupportedFeatureError("tensor and data parallelism (--tp-size/--dp-size > 1) are not built yet")
+        if self.quantization is not None:
+            raise UnsupportedFeatureError(f"quantization {self.quantization!r} is not built yet")
+        if self.kv_cache_dtype != "auto":
+            raise UnsupportedFeatureError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not built yet")
+        if self.enable_torch_compile:
+            raise UnsupportedFeatureError("--enable-torch-compile is not built yet")
+        if self.attention_backend not in ("auto", "torch"):
+            raise UnsupportedFeatureError(
+                f"attention backend {self.attention_backend!r} is not built yet (available: torch)"
+            )

@@ -1,0 +1,68 @@
+"""The one typed object a model's forward receives: token ids, positions and the attention metadata.
+
+Layout of one step (B rows, T = sum(extend_lens) new tokens, rows laid out one after another):
+
+    row r:  cached prefix (already in the KV pool)      | extend_lens[r] new tokens
+            req_to_token[req_rows[r], 0 : prefix_len_r] | req_to_token[req_rows[r], prefix_len_r : seq_lens[r]]
+            where prefix_len_r = seq_lens[r] - extend_lens[r]
+
+A decode row is an extend row with extend_lens[r] == 1. New token t of row r sits at position
+prefix_len_r + i and its K/V go to slot out_slots[t]; the worker has already written those slots into
+req_to_token before the forward, so attention may read the whole row from the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBatch:
+    req_rows: torch.Tensor  # [B] int64, rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int32, KV length of each row after this step
+    extend_lens: torch.Tensor  # [B] int32, new tokens of each row in this step
+    extend_starts: torch.Tensor  # [B] int32, offset of each row's first new token in the [T] tensors
+    out_slots: torch.Tensor  # [T] int64, KV slot of each new token
+    req_to_token: torch.Tensor  # [max_rows, max_context] int32, slot ids of every request's tokens
+    # Host copies, so that backends need no device->host sync to plan or loop.
+    seq_lens_cpu: tuple[int, ...]
+    extend_lens_cpu: tuple[int, ...]
+    is_decode: bool  # every row has extend_len == 1
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.out_slots.shape[0])
+
+
+class AttentionBackend(Protocol):
+    """Stores each layer's new K/V into the pool, then attends every new query over its row's KV."""
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        """Called once per step before the forward (FlashInfer plans here; the torch backend does nothing)."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_q_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        layer_id: int,
+        scale: float,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionBatch
+    backend: AttentionBackend

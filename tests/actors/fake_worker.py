@@ -1,0 +1,86 @@
+"""A model-free worker for scheduler tests: executes StepPlans on a fake KV pool and checks every read.
+
+Each KV slot records (token, position) when written. Before "sampling", every row's whole context is read back
+through req_to_token and must be exactly the request's tokens at positions 0..seq_len-1, so any slot the
+scheduler mixes up, frees early or shares wrongly shows up. The next token is a deterministic function of the
+context, so outputs must equal `reference_generate` whatever the batching, caching or retraction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radixserve.actors.messages import StepPlan, StepResult
+
+VOCAB = 64
+
+
+def next_token(context: list[int]) -> int:
+    h = 0
+    for i, t in enumerate(context):
+        h = (h * 31 + (i + 1) * (t + 7)) % 1_000_003
+    return h % VOCAB
+
+
+def reference_generate(prompt: list[int], max_new: int, stop_ids: set[int]) -> list[int]:
+    seq = list(prompt)
+    out: list[int] = []
+    while len(out) < max_new:
+        t = next_token(seq)
+        seq.append(t)
+        out.append(t)
+        if t in stop_ids:
+            break
+    return out
+
+
+class FakeWorker:
+    def __init__(self, num_slots: int, max_rows: int, max_context: int) -> None:
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.table = np.zeros((max_rows, max_context), dtype=np.int64)
+        self.last_tokens = np.zeros(0, dtype=np.int64)
+        self.num_slots = num_slots
+        self.rows_live: set[int] = set()
+        self.tokens_computed = 0
+
+    def step(self, plan: StepPlan) -> StepResult:
+        for row in plan.released_rows:
+            self.rows_live.discard(row)
+        for req in plan.new_requests:
+            assert req.req_row not in self.rows_live, "row reused before it was released"
+            self.rows_live.add(req.req_row)
+            prefix = np.frombuffer(req.prefix_slots, dtype="<i4")
+            self.table[req.req_row, : len(prefix)] = prefix
+        req_rows = np.frombuffer(plan.req_rows, dtype="<i4")
+        seq_lens = np.frombuffer(plan.seq_lens, dtype="<i4")
+        ext = np.frombuffer(plan.extend_lens, dtype="<i4")
+        prev = np.frombuffer(plan.prev_rows, dtype="<i4")
+        sample = np.frombuffer(plan.sample_mask, dtype="u1")
+        ids = np.frombuffer(plan.input_ids, dtype="<i4").astype(np.int64).copy()
+        slots = np.frombuffer(plan.out_slots, dtype="<i4")
+        assert len(ids) == len(slots) == int(ext.sum())
+        assert len(set(slots.tolist())) == len(slots) and 0 not in slots
+        tokens = np.full(len(req_rows), -1, dtype=np.int64)
+        t = 0
+        for b in range(len(req_rows)):
+            row, n, end = int(req_rows[b]), int(ext[b]), int(seq_lens[b])
+            assert row in self.rows_live
+            if prev[b] >= 0:
+                assert n == 1
+                ids[t] = self.last_tokens[prev[b]]
+                assert ids[t] >= 0, "decode row refers to a row that did not sample"
+            for i in range(n):
+                pos = end - n + i
+                self.kv[int(slots[t + i])] = (int(ids[t + i]), pos)
+                self.table[row, pos] = slots[t + i]
+            context = []
+            for pos in range(end):
+                token, written_pos = self.kv[int(self.table[row, pos])]
+                assert written_pos == pos, f"row {row}: slot for position {pos} holds position {written_pos}"
+                context.append(token)
+            if sample[b]:
+                tokens[b] = next_token(context)
+            t += n
+        self.tokens_computed += t
+        self.last_tokens = tokens
+        return StepResult(step=plan.step, tokens=tokens.astype("<i4").tobytes())
