@@ -29,6 +29,7 @@ from radixserve.actors.mailbox import SocketMailbox, mailbox
 from radixserve.actors.messages import (
     DetokenizerInbox,
     EngineFailed,
+    FlushCache,
     IngressInbox,
     InitWorker,
     RequestOutput,
@@ -179,6 +180,7 @@ class Engine:
         tg.start_soon(supervise, "ingress", self.ingress.run)
         tg.start_soon(worker_results)
         self._worker = worker
+        self._to_scheduler = to_scheduler
 
     async def shutdown(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -288,3 +290,23 @@ class Engine:
 
 
 
+
+    def pool_stats(self) -> dict[str, int]:
+        """KV pool occupancy in tokens: total == free + cached (evictable + locked) + held (private)."""
+        kv = self.scheduler.core.kv
+        return {
+            "total": kv.total_slots,
+            "free": kv.allocator.available_size,
+            "cached": kv.tree.evictable_size + kv.tree.locked_size,
+            "locked": kv.tree.locked_size,
+            "held": kv.private_slots,
+            "running_requests": len(self.scheduler.core.running),
+            "waiting_requests": len(self.scheduler.core.waiting),
+        }
+
+    async def abort(self, rid: str) -> None:
+        await self.ingress.abort(rid)
+
+    async def flush_cache(self) -> None:
+        """Drop the prefix cache as soon as the engine is idle."""
+        await self._to_scheduler.send(FlushCache())

@@ -1,0 +1,88 @@
+"""Reference attention backend in plain torch: one SDPA call per row. Runs anywhere; the fast backends are
+tested against it.
+
+For row r with prefix_len = seq_len - extend_len, query i (0 <= i < extend_len) sits at position
+prefix_len + i and sees keys 0 .. prefix_len + i of the row:
+
+    keys:     0 ............ prefix_len-1 | prefix_len ........... seq_len-1
+    query 0:  x ............ x            | x
+    query 1:  x ............ x            | x  x
+    query E-1 x ............ x            | x  x  ...............  x
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from radixserve.ops.forward_batch import AttentionBatch
+
+
+class TorchAttentionBackend:
+    """The AttentionBackend of ops.forward_batch over per-layer K/V buffers [num_slots, kv_heads, head_dim].
+
+    Mutates the K/V buffers at batch.out_slots only. Loops over rows on the host using the batch's *_cpu
+    tuples, so it never synchronizes with the device.
+    """
+
+    def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> None:
+        assert len(k_buffers) == len(v_buffers)
+        self.k_buffers = k_buffers
+        self.v_buffers = v_buffers
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        pass
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, q_heads, head_dim]
+        k: torch.Tensor,  # [T, kv_heads, head_dim]
+        v: torch.Tensor,  # [T, kv_heads, head_dim]
+        layer_id: int,
+        scale: float,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:  # [T, q_heads, head_dim]
+        k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        assert q.shape[0] == k.shape[0] == v.shape[0] == batch.num_tokens, (
+            q.shape,
+            k.shape,
+            batch.num_tokens,
+        )
+        assert k.shape[1:] == k_buf.shape[1:] and q.shape[1] % k.shape[1] == 0, (
+            q.shape,
+            k.shape,
+            k_buf.shape,
+        )
+        k_buf[batch.out_slots] = k.to(k_buf.dtype)
+        v_buf[batch.out_slots] = v.to(v_buf.dtype)
+
+        max_len = max(batch.seq_lens_cpu, default=0)
+        tables = batch.req_to_token[:, :max_len].index_select(0, batch.req_rows)  # [B, max_len] slot ids
+        out = torch.empty_like(q)
+        start = 0
+        for r, (seq_len, extend_len) in enumerate(
+            zip(batch.seq_lens_cpu, batch.extend_lens_cpu, strict=True)
+        ):
+            end = start + extend_len
+            slots = tables[r, :seq_len].long()
+            q_r = q[start:end].transpose(0, 1)  # [q_heads, E, d]
+            k_r = k_buf[slots].to(q.dtype).transpose(0, 1)  # [kv_heads, S, d]
+            v_r = v_buf[slots].to(q.dtype).transpose(0, 1)  # [kv_heads, S, d]
+            mask, causal = None, False
+            if extend_len == seq_len:
+                causal = extend_len > 1  # SDPA's causal mask is top-left aligned: right only without a prefix
+            elif extend_len > 1:
+                mask = _prefix_causal_mask(seq_len - extend_len, extend_len, seq_len, q.device)
+            o = F.scaled_dot_product_attention(
+                q_r, k_r, v_r, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+            )  # [q_heads, E, d]
+            out[start:end] = o.transpose(0, 1)
+            start = end
+        return out
+
+
+def _prefix_causal_mask(prefix_len: int, extend_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """[E, S] bool, True where query i may see key j: j <= prefix_len + i."""
+    query_pos = torch.arange(prefix_len, prefix_len + extend_len, device=device)
+    key_pos = torch.arange(seq_len, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
