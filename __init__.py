@@ -11,9 +11,14 @@ from radixserve.errors import (
     RequestAbortedError,
 )
 from radixserve.sampling_params import SamplingParams
+from radixserve.engine import Engine
+from radixserve.outputs import GenerateOutput, StreamDelta
 
 __all__ = [
     "ContextLengthError",
+    "Engine",
+    "GenerateOutput",
+    "StreamDelta",
     "EngineDeadError",
     "InvalidRequestError",
     "QueueFullError",

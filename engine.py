@@ -10,7 +10,9 @@ Cancelling the task awaiting `generate` (or leaving a `stream` loop early) abort
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 
 import os
 import sys
@@ -25,7 +27,7 @@ import torch
 
 from radixserve.actors.detokenizer import Detokenizer
 from radixserve.actors.ingress import Ingress, ModelLimits, RequestHandle
-from radixserve.actors.mailbox import SocketMailbox, mailbox
+from radixserve.actors.mailbox import Inbox, Outbox, SocketMailbox, mailbox
 from radixserve.actors.messages import (
     DetokenizerInbox,
     EngineFailed,
@@ -50,6 +52,7 @@ from radixserve.outputs import FinishReason, GenerateOutput, StreamDelta, TokenL
 from radixserve.sampling_params import SamplingParams
 
 MAILBOX_CAPACITY = 4096
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -141,6 +144,9 @@ class Engine:
         to_scheduler, scheduler_inbox = mailbox(SchedulerInbox, MAILBOX_CAPACITY)
         to_detok, detok_inbox = mailbox(DetokenizerInbox, MAILBOX_CAPACITY)
         to_ingress, ingress_inbox = mailbox(IngressInbox, MAILBOX_CAPACITY)
+        self._mailboxes: list[Outbox[Any] | Inbox[Any]] = [
+            to_scheduler, scheduler_inbox, to_detok, detok_inbox, to_ingress, ingress_inbox
+        ]
         core = SchedulerCore(SchedulerConfig(
             num_slots=ready.num_slots, max_rows=max_rows, chunked_prefill_size=cfg.chunked_prefill_size,
             max_prefill_tokens=cfg.max_prefill_tokens, max_running_requests=cfg.max_running_requests,
@@ -149,38 +155,47 @@ class Engine:
             min_new_token_ratio=cfg.min_new_token_ratio,
         ))
         self.scheduler = Scheduler(core, scheduler_inbox, [worker], to_detok)
-        self.detokenizer = Detokenizer(self.tokenizer, detok_inbox, to_ingress.clone(), to_scheduler.clone())
+        self.detokenizer = Detokenizer(self.tokenizer, detok_inbox, to_ingress, to_scheduler)
         eos = tuple(sorted(set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})))
         max_outstanding = None
         if cfg.max_queued_requests is not None:
             max_outstanding = cfg.max_running_requests + cfg.max_queued_requests
         self.ingress = Ingress(
             self.tokenizer, ModelLimits(self.context_length, ready.vocab_size, eos), ingress_inbox,
-            to_scheduler.clone(), to_detok.clone(), max_outstanding, cfg.chat_template,
+            to_scheduler, to_detok, max_outstanding, cfg.chat_template,
         )
-        tg = await stack.enter_async_context(anyio.create_task_group())
-        stack.callback(tg.cancel_scope.cancel)  # runs before the group's exit waits for the actors
+        self._worker = worker
+        self._to_scheduler = to_scheduler
+        # The actors run in a task of their own, not in the caller's: `async with Engine()` may be entered and
+        # exited from different tasks (ASGI lifespans, pytest fixtures), which a task group cannot span.
+        self._actors_task = asyncio.get_running_loop().create_task(self._run_actors(worker, to_scheduler, to_ingress))
 
+    async def _run_actors(
+        self,
+        worker: SocketMailbox[WorkerOutbox],
+        to_scheduler: Outbox[SchedulerInbox],
+        to_ingress: Outbox[IngressInbox],
+    ) -> None:
         async def supervise(name: str, run: Any) -> None:
             try:
                 await run()
                 message = f"the {name} stopped"
             except Exception as e:
                 message = f"the {name} crashed: {type(e).__name__}: {e}"
+                logger.exception(message)
             self.ingress.fail_all(message)
 
         async def worker_results() -> None:
-            await pump_worker_results(worker, 0, to_scheduler.clone())
+            await pump_worker_results(worker, 0, to_scheduler)
             # The scheduler turned the death into per-request errors; no new request may wait forever either.
             with contextlib.suppress(Exception):
                 await to_ingress.send(EngineFailed("the worker process died"))
 
-        tg.start_soon(supervise, "scheduler", self.scheduler.run)
-        tg.start_soon(supervise, "detokenizer", self.detokenizer.run)
-        tg.start_soon(supervise, "ingress", self.ingress.run)
-        tg.start_soon(worker_results)
-        self._worker = worker
-        self._to_scheduler = to_scheduler
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervise, "scheduler", self.scheduler.run)
+            tg.start_soon(supervise, "detokenizer", self.detokenizer.run)
+            tg.start_soon(supervise, "ingress", self.ingress.run)
+            tg.start_soon(worker_results)
 
     async def shutdown(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -195,6 +210,17 @@ class Engine:
                     proc.kill()
                     await proc.wait()
             self._procs.clear()
+            task = getattr(self, "_actors_task", None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._actors_task = None
+            for box in getattr(self, "_mailboxes", []):
+                box.close()
+            if worker is not None:
+                with contextlib.suppress(Exception):
+                    await worker.aclose()
             if self._stack is not None:
                 stack, self._stack = self._stack, None
                 await stack.aclose()
@@ -230,6 +256,7 @@ class Engine:
             if not handle.finished:
                 raise EngineDeadError(self.ingress.dead or "the engine stopped")
         finally:
+            handle.outputs.close()
             if not handle.finished:
                 with anyio.CancelScope(shield=True):
                     await self.ingress.abort(handle.rid)
