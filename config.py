@@ -78,7 +78,7 @@ class EngineConfig:
             raise UnsupportedFeatureError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not built yet")
         if self.enable_torch_compile:
             raise UnsupportedFeatureError("--enable-torch-compile is not built yet")
-        if self.attention_backend not in ("auto", "torch"):
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise UnsupportedFeatureError(
-                f"attention backend {self.attention_backend!r} is not built yet (available: torch)"
+                f"attention backend {self.attention_backend!r} is not built (available: flashinfer, torch)"
             )

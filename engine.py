@@ -96,6 +96,7 @@ class Engine:
                 max_rows=max_rows, max_total_tokens=cfg.max_total_tokens,
                 mem_fraction_static=cfg.mem_fraction_static or 0.85, cpu_kv_gib=cfg.cpu_kv_gib,
                 attention_backend=cfg.attention_backend, random_seed=cfg.random_seed,
+                disable_cuda_graph=cfg.disable_cuda_graph, cuda_graph_max_bs=cfg.cuda_graph_max_bs,
             ))
             assert self.ready is not None
             # A lone request must always fit the pool, so that memory pressure can always be resolved.

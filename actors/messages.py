@@ -131,6 +131,8 @@ class InitWorker(_Msg):
     cpu_kv_gib: float
     attention_backend: str
     random_seed: int | None = None
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 160
 
 
 class Shutdown(_Msg):

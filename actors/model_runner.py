@@ -1,46 +1,84 @@
-"""Runs one StepPlan on the worker: builds the ForwardBatch, runs the model, samples.
+"""Runs one StepPlan on the worker: builds the ForwardBatch, runs the model (eagerly or by replaying a CUDA
+graph), samples, and starts copying the results to the host without waiting for them.
 
-Everything here is per-step tensor work on the worker's device; the only host<->device traffic per step is
-the plan's small integer arrays in and the sampled tokens out.
+Per step, the host sends the device one packed int64 array (all the plan's integer columns) and gets back the
+sampled tokens (plus logprobs when asked). `step()` returns a PendingStep whose `result()` blocks until the
+copy is done; the worker calls it from a sender thread so that it can already launch the next step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
+from radixserve.actors.cuda_graph_runner import CudaGraphRunner
 from radixserve.actors.messages import NewRequest, PromptLogprobs, StepPlan, StepResult
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
-from radixserve.ops.attention.torch_backend import TorchAttentionBackend
-from radixserve.ops.forward_batch import AttentionBatch, ForwardBatch
-from radixserve.ops.sampler import Sampler, token_logprobs
+from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch, ForwardBatch
+from radixserve.ops.sampler import SampleOutput, Sampler, token_logprobs
 
 
 def _arr(buf: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device->host copy into pinned memory; valid once the step's event has completed."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+@dataclass(slots=True)
+class PendingStep:
+    step: int
+    tokens: torch.Tensor  # [B] int64, host (pinned)
+    sample: SampleOutput | None
+    sample_rows: np.ndarray
+    num_rows: int
+    prompt_logprobs: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    event: Any  # torch.cuda.Event, or None on the CPU
+
+    def result(self) -> StepResult:
+        if self.event is not None:
+            self.event.synchronize()
+        fields: dict[str, Any] = {}
+        if self.sample is not None and self.sample.logprobs is not None:
+            fields = _scatter_logprobs(self.sample, self.sample_rows, self.num_rows)
+        return StepResult(
+            step=self.step,
+            tokens=self.tokens.numpy().astype("<i4").tobytes(),
+            prompt_logprobs=[_prompt_lp(b, k, *lp) for b, k, lp in self.prompt_logprobs],
+            **fields,
+        )
+
+
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         kv: KVCache,
         table: ReqToTokenTable,
         sampler: Sampler,
+        backend: AttentionBackend,
         device: torch.device,
+        graphs: CudaGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
         self.table = table
         self.sampler = sampler
+        self.backend = backend
         self.device = device
-        self.backend = TorchAttentionBackend(kv.k_buffers, kv.v_buffers)
+        self.graphs = graphs
         # Tokens sampled by the previous step, one per row (-1 where none): decode rows of the next step
         # gather their inputs from here, on the device.
-        self.last_tokens = torch.zeros(0, dtype=torch.int64, device=device)
-
-    def _tensor(self, array: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.from_numpy(array.astype(np.int64)).to(self.device, dtype=dtype, non_blocking=True)
+        self.last_tokens = torch.zeros(1, dtype=torch.int64, device=device)
 
     def _start_requests(self, new: list[NewRequest], released: list[int]) -> None:
         for row in released:
@@ -50,107 +88,112 @@ class ModelRunner:
             if len(prefix):
                 rows = torch.full((len(prefix),), req.req_row, dtype=torch.int64, device=self.device)
                 positions = torch.arange(len(prefix), dtype=torch.int64, device=self.device)
-                self.table.write(rows, positions, self._tensor(prefix))
+                self.table.write(rows, positions, torch.from_numpy(prefix.astype(np.int64)).to(self.device))
             ids = _arr(req.penalty_ids, "<i4").tolist()
             split = len(ids) - req.num_output_ids
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan) -> PendingStep:
         self._start_requests(plan.new_requests, plan.released_rows)
         req_rows = _arr(plan.req_rows, "<i4")
         seq_lens = _arr(plan.seq_lens, "<i4")
         extend_lens = _arr(plan.extend_lens, "<i4")
         prev_rows = _arr(plan.prev_rows, "<i4")
-        sample_mask = _arr(plan.sample_mask, "u1").astype(bool)
-        num_tokens = int(extend_lens.sum())
-        extend_starts = np.concatenate([[0], np.cumsum(extend_lens)[:-1]]).astype(np.int64)
-        # Position of every new token: row r's tokens sit at seq_len - extend_len ... seq_len - 1.
-        token_row = np.repeat(np.arange(len(req_rows)), extend_lens)
-        positions = (seq_lens - extend_lens)[token_row] + (np.arange(num_tokens) - extend_starts[token_row])
-
-        input_ids = self._tensor(_arr(plan.input_ids, "<i4"))
+        sample_rows = np.nonzero(_arr(plan.sample_mask, "u1"))[0]
+        B, T = len(req_rows), int(extend_lens.sum())
+        starts = np.zeros(B, dtype=np.int64)
+        np.cumsum(extend_lens[:-1], out=starts[1:])
+        token_row = np.repeat(np.arange(B), extend_lens)
+        # Row r's new tokens sit at positions seq_len - extend_len ... seq_len - 1.
+        positions = (seq_lens - extend_lens)[token_row] + (np.arange(T) - starts[token_row])
         from_prev = np.nonzero(prev_rows >= 0)[0]
+        # One host->device copy for every integer column of the plan.
+        columns = (_arr(plan.input_ids, "<i4"), positions, _arr(plan.out_slots, "<i4"), req_rows[token_row],
+                   req_rows, seq_lens, extend_lens, starts, starts[from_prev], prev_rows[from_prev])
+        packed = torch.from_numpy(np.concatenate(columns).astype(np.int64)).to(self.device, non_blocking=True)
+        input_ids, positions_t, out_slots, token_rows, rows_t, seq_t, ext_t, starts_t, prev_at, prev_idx = (
+            torch.split(packed, [len(c) for c in columns])
+        )
         if len(from_prev):
-            input_ids[self._tensor(extend_starts[from_prev])] = self.last_tokens[self._tensor(prev_rows[from_prev])]
-        out_slots = self._tensor(_arr(plan.out_slots, "<i4"))
-        positions_t = self._tensor(positions)
-        self.table.write(self._tensor(req_rows[token_row]), positions_t, out_slots)
+            input_ids[prev_at] = self.last_tokens[prev_idx]
+        self.table.write(token_rows, positions_t, out_slots)
 
         attn = AttentionBatch(
-            req_rows=self._tensor(req_rows),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            extend_lens=self._tensor(extend_lens, torch.int32),
-            extend_starts=self._tensor(extend_starts, torch.int32),
-            out_slots=out_slots,
-            req_to_token=self.table.table,
-            seq_lens_cpu=tuple(seq_lens.tolist()),
-            extend_lens_cpu=tuple(extend_lens.tolist()),
-            is_decode=bool((extend_lens == 1).all()),
+            req_rows=rows_t, seq_lens=seq_t.to(torch.int32), extend_lens=ext_t.to(torch.int32),
+            extend_starts=starts_t.to(torch.int32), out_slots=out_slots, req_to_token=self.table.table,
+            seq_lens_cpu=tuple(seq_lens.tolist()), extend_lens_cpu=tuple(extend_lens.tolist()),
+            is_decode=T == B,
         )
-        self.backend.prepare(attn)
-        hidden = self.model(ForwardBatch(input_ids, positions_t, attn, self.backend))  # [T, hidden]
+        hidden = None
+        if attn.is_decode and self.graphs is not None and self.graphs.padded_size(B) is not None:
+            logits = self.graphs.replay(input_ids, positions_t, out_slots, rows_t, attn.seq_lens, attn.seq_lens_cpu)
+            if len(sample_rows) != B:
+                logits = logits[torch.from_numpy(sample_rows).to(self.device)]
+        else:
+            self.backend.prepare(attn)
+            hidden = self.model(ForwardBatch(input_ids, positions_t, attn, self.backend))  # [T, hidden]
+            last = torch.from_numpy(starts[sample_rows] + extend_lens[sample_rows] - 1).to(self.device)
+            logits = self.model.compute_logits(hidden[last]) if len(sample_rows) else None
 
-        tokens = torch.full((len(req_rows),), -1, dtype=torch.int64, device=self.device)
-        result_fields: dict[str, object] = {}
-        sample_rows = np.nonzero(sample_mask)[0]
-        if len(sample_rows):
-            last = self._tensor(extend_starts[sample_rows] + extend_lens[sample_rows] - 1)
-            logits = self.model.compute_logits(hidden[last])
-            out = self.sampler.sample(
-                logits, req_rows[sample_rows].tolist(), _arr(plan.output_lens, "<i4")[sample_rows].tolist()
-            )
-            tokens[self._tensor(sample_rows)] = out.tokens
-            if out.logprobs is not None:
-                result_fields.update(_scatter_logprobs(out, sample_rows, len(req_rows)))
+        tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
+        out = None
+        if logits is not None and len(sample_rows):
+            output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
+            out = self.sampler.sample(logits, req_rows[sample_rows].tolist(), output_lens)
+            if len(sample_rows) == B:
+                tokens = out.tokens
+            else:
+                tokens[torch.from_numpy(sample_rows).to(self.device)] = out.tokens
         self.last_tokens = tokens
-        prompt_lps = [
-            self._prompt_logprobs(hidden, input_ids, b, top_k, after, extend_starts, extend_lens)
-            for b, top_k, after in plan.prompt_logprob_rows
-        ]
-        return StepResult(
-            step=plan.step,
-            tokens=tokens.to(torch.int32).cpu().numpy().astype("<i4").tobytes(),
-            prompt_logprobs=prompt_lps,
-            **result_fields,  # type: ignore[arg-type]
-        )
+        prompt_lps = []
+        for b, top_k, after in plan.prompt_logprob_rows:
+            assert hidden is not None
+            prompt_lps.append((b, top_k, self._prompt_logprobs(hidden, input_ids, int(starts[b]),
+                                                               int(extend_lens[b]), top_k, after)))
+        if out is not None and out.logprobs is not None:
+            out = SampleOutput(out.tokens, _host(out.logprobs), *(None if t is None else _host(t)
+                                                                   for t in (out.top_ids, out.top_logprobs)))
+        prompt_lps = [(b, k, tuple(_host(t) for t in lp)) for b, k, lp in prompt_lps]
+        host_tokens = _host(tokens)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(plan.step, host_tokens, out, sample_rows, B, prompt_lps, event)  # type: ignore[arg-type]
 
     def _prompt_logprobs(
-        self,
-        hidden: torch.Tensor,
-        input_ids: torch.Tensor,
-        b: int,
-        top_k: int,
-        after: int,
-        extend_starts: np.ndarray,
-        extend_lens: np.ndarray,
-    ) -> PromptLogprobs:
-        """Logprob of each next prompt token given the ones before, for row b's chunk."""
-        start, n = int(extend_starts[b]), int(extend_lens[b])
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, start: int, n: int, top_k: int, after: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logprob of each next prompt token given the ones before it, for one row's chunk."""
         targets = input_ids[start + 1 : start + n]
         if after >= 0:
             targets = torch.cat([targets, torch.tensor([after], device=self.device, dtype=targets.dtype)])
         logits = self.model.compute_logits(hidden[start : start + len(targets)])
-        lps, top_ids, top_lps = token_logprobs(logits, targets, top_k)
-        return PromptLogprobs(
-            row=b,
-            logprobs=lps.float().cpu().numpy().astype("<f4").tobytes(),
-            top_k=top_k,
-            top_ids=top_ids.to(torch.int32).cpu().numpy().astype("<i4").tobytes(),
-            top_logprobs=top_lps.float().cpu().numpy().astype("<f4").tobytes(),
-        )
+        return token_logprobs(logits, targets, top_k, self.sampler.vocab_size)
 
 
-def _scatter_logprobs(out, sample_rows: np.ndarray, num_rows: int) -> dict[str, object]:
+def _prompt_lp(b: int, top_k: int, lps: torch.Tensor, ids: torch.Tensor, tops: torch.Tensor) -> PromptLogprobs:
+    return PromptLogprobs(
+        row=b,
+        logprobs=lps.float().numpy().astype("<f4").tobytes(),
+        top_k=top_k,
+        top_ids=ids.to(torch.int32).numpy().astype("<i4").tobytes(),
+        top_logprobs=tops.float().numpy().astype("<f4").tobytes(),
+    )
+
+
+def _scatter_logprobs(out: SampleOutput, sample_rows: np.ndarray, num_rows: int) -> dict[str, Any]:
     """Sampler outputs cover the sampled rows only; the result has one entry per plan row."""
+    assert out.logprobs is not None
     lps = np.zeros(num_rows, dtype="<f4")
-    lps[sample_rows] = out.logprobs.float().cpu().numpy()
+    lps[sample_rows] = out.logprobs.float().numpy()
     k = 0 if out.top_ids is None else int(out.top_ids.shape[1])
-    fields: dict[str, object] = {"logprobs": lps.tobytes(), "top_k": k}
-    if k:
+    fields: dict[str, Any] = {"logprobs": lps.tobytes(), "top_k": k}
+    if k and out.top_ids is not None and out.top_logprobs is not None:
         ids = np.zeros((num_rows, k), dtype="<i4")
         tops = np.zeros((num_rows, k), dtype="<f4")
-        ids[sample_rows] = out.top_ids.cpu().numpy()
-        tops[sample_rows] = out.top_logprobs.float().cpu().numpy()
+        ids[sample_rows] = out.top_ids.numpy()
+        tops[sample_rows] = out.top_logprobs.float().numpy()
         fields.update(top_ids=ids.tobytes(), top_logprobs=tops.tobytes())
     return fields

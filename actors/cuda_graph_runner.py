@@ -1,0 +1,124 @@
+"""Decode steps replayed from CUDA graphs, one per padded batch size.
+
+All graphs share one memory pool and are captured largest first (the pool's blocks then fit every smaller
+graph). A decode batch of B rows replays the graph of the smallest captured size >= B; padding rows read and
+write only the padding slot 0 through the reserved request row `pad_row`, whose table entries are all 0.
+
+Static inputs live in one place (this object); before a replay the runner copies the step's inputs into them
+and re-plans the attention wrapper of that size (host work, outside the graph).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend, gather_kv_indices
+from radixserve.ops.forward_batch import AttentionBatch, ForwardBatch
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 8))
+    return [s for s in sizes if s <= max_bs] or [max_bs]
+
+
+class CudaGraphRunner:
+    def __init__(
+        self,
+        model: Any,
+        backend: FlashInferAttentionBackend,
+        req_to_token: torch.Tensor,
+        pad_row: int,
+        max_bs: int,
+        max_context: int,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.req_to_token = req_to_token
+        self.pad_row = pad_row
+        self.sizes = capture_sizes(max_bs)
+        self.max_bs = self.sizes[-1]
+        self.max_context = max_context
+        device = req_to_token.device
+        bs = self.max_bs
+        self.input_ids = torch.zeros(bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(bs, dtype=torch.int64, device=device)
+        self.out_slots = torch.zeros(bs, dtype=torch.int64, device=device)
+        self.req_rows = torch.full((bs,), pad_row, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(bs, dtype=torch.int32, device=device)
+        self.ones = torch.ones(bs, dtype=torch.int32, device=device)
+        self.starts = torch.arange(bs, dtype=torch.int32, device=device)
+        # Page lists of every graph size share one buffer: a batch never holds more than bs * max_context.
+        self.kv_indices = torch.zeros(bs * max_context, dtype=torch.int32, device=device)
+        self.kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        self.kv_last_page_len = torch.ones(bs, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.wrappers: dict[int, Any] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool: Any = None
+
+    def _batch(self, bs: int, seq_lens_cpu: tuple[int, ...]) -> AttentionBatch:
+        return AttentionBatch(
+            req_rows=self.req_rows[:bs], seq_lens=self.seq_lens[:bs], extend_lens=self.ones[:bs],
+            extend_starts=self.starts[:bs], out_slots=self.out_slots[:bs], req_to_token=self.req_to_token,
+            seq_lens_cpu=seq_lens_cpu, extend_lens_cpu=(1,) * bs, is_decode=True,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.sizes):
+            wrapper = self.backend.make_graph_decode_wrapper(
+                bs, self.kv_indptr, self.kv_indices, self.kv_last_page_len
+            )
+            self.wrappers[bs] = wrapper
+            batch = self._batch(bs, (1,) * bs)
+            self.backend.plan_decode(wrapper, batch, gather_kv_indices(batch, bs).to(torch.int32))
+            fb = ForwardBatch(self.input_ids[:bs], self.positions[:bs], batch, self.backend)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up: lazy inits and autotuning must not happen during capture
+                    self.model.compute_logits(self.model(fb))
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                self.logits[bs] = self.model.compute_logits(self.model(fb))
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_rows: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, num_rows)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def replay(
+        self,
+        input_ids: torch.Tensor,  # [B] int64
+        positions: torch.Tensor,  # [B]
+        out_slots: torch.Tensor,  # [B]
+        req_rows: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B] int32
+        seq_lens_cpu: tuple[int, ...],
+    ) -> torch.Tensor:  # [B, vocab] float32 logits
+        num_rows = len(seq_lens_cpu)
+        bs = self.padded_size(num_rows)
+        assert bs is not None, f"no CUDA graph for batch size {num_rows}"
+        self.input_ids[:num_rows].copy_(input_ids)
+        self.positions[:num_rows].copy_(positions)
+        self.out_slots[:num_rows].copy_(out_slots)
+        self.req_rows[:num_rows].copy_(req_rows)
+        self.seq_lens[:num_rows].copy_(seq_lens)
+        if bs > num_rows:  # padding rows: token 0 at position 0 of the all-zero pad row, written to slot 0
+            self.input_ids[num_rows:bs].zero_()
+            self.positions[num_rows:bs].zero_()
+            self.out_slots[num_rows:bs].zero_()
+            self.req_rows[num_rows:bs].fill_(self.pad_row)
+            self.seq_lens[num_rows:bs].fill_(1)
+        padded_lens = seq_lens_cpu + (1,) * (bs - num_rows)
+        batch = self._batch(bs, padded_lens)
+        indices = gather_kv_indices(batch, sum(padded_lens)).to(torch.int32)  # plan copies it into kv_indices
+        self.backend.plan_decode(self.wrappers[bs], batch, indices)
+        self.graphs[bs].replay()
+        return self.logits[bs][:num_rows]
