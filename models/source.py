@@ -88,8 +88,10 @@ def _has_safetensors(folder: Path) -> bool:
     return (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors"))
 
 
-def resolve_model_source(model_path: str | None) -> ModelSource:
-    """Find the model `model_path` names; None means the default model. Raises ModelNotFoundError."""
+def resolve_model_source(model_path: str | None, need_weights: bool = True) -> ModelSource:
+    """Find the model `model_path` names; None means the default model. Raises ModelNotFoundError.
+
+    need_weights=False accepts a folder with only config.json (random "dummy" weights, for benchmarks)."""
     if model_path is None:
         path = default_model_path()
         return ModelSource("gguf", path, path.parent)
@@ -102,7 +104,7 @@ def resolve_model_source(model_path: str | None) -> ModelSource:
                 f"model path {model_path!r} is a file but not a .gguf; pass a .gguf file or an HF folder"
             )
         return ModelSource("gguf", path, path.parent)
-    if (path / "config.json").is_file() and _has_safetensors(path):
+    if (path / "config.json").is_file() and (_has_safetensors(path) or not need_weights):
         return ModelSource("hf", path, path)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:

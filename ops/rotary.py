@@ -102,6 +102,12 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, q_heads, head_dim]
         k: torch.Tensor,  # [T, kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:
+            from radixserve.ops import triton_rotary
+
+            if triton_rotary.supported(self.head_dim):
+                triton_rotary.apply_rotary_inplace(positions, q, k, self.cos_sin_cache)
+                return q, k
         cos, sin = self.cos_sin_cache[positions].unsqueeze(-2).chunk(2, dim=-1)  # [T, 1, head_dim / 2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
