@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import os
 
-import pytest
+# Triton kernels run in Triton's CPU interpreter in CI. Set before anything imports triton (torch._dynamo,
+# which transformers imports, does): the interpreter must be chosen at triton's import time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

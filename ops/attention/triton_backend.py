@@ -1,0 +1,133 @@
+"""Triton attention backend: the AttentionBackend of ops.forward_batch on the kernels of triton_kernels.py.
+
+Each layer stores its new K/V into the pool (one Triton store kernel), then runs split-KV decode when every
+row decodes one token, else the extend kernel (which also serves mixed steps: a decode row is an extend row of
+length 1). Sizes come from the batch's *_cpu tuples; nothing waits for the device.
+
+CUDA graphs (decode). A graph bakes in grids and pointers, so a graph runner must keep static:
+  - the tensors of the AttentionBatch (req_rows, seq_lens, out_slots, req_to_token) and q/k/v: same storage,
+    updated in place before each replay; the K/V buffers of the backend;
+  - the padded batch size (one graph per size; padding rows use a valid row, e.g. seq_len 1 on slot 0);
+  - the number of KV splits: while a capture is running, num_kv_splits() ignores the sequence lengths and
+    depends only on the batch size and head counts, and each row then uses
+    min(splits, cdiv(seq_len, min_split_len)) of them on the device, so one graph serves every length;
+  - the split-KV workspace: call reserve_decode_workspace(max_bs, num_q_heads) once before capturing; it is
+    never reallocated afterwards (without it each call allocates its own, inside the graph's pool);
+  - max_kv_splits, min_split_len and num_sms: fixed at construction.
+Kernels compile on first use, so warm up (one eager decode step per size) before capturing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from radixserve.ops.attention.triton_ops import (
+    decode_attention,
+    decode_head_groups,
+    decode_workspace,
+    extend_attention,
+)
+from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.triton_fused import store_kv
+
+
+class TritonAttentionBackend:
+    """AttentionBackend over per-layer K/V buffers [num_slots, kv_heads, head_dim].
+
+    Mutates the K/V buffers at batch.out_slots and its own decode workspace, nothing else.
+    """
+
+    def __init__(
+        self,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        *,
+        max_kv_splits: int = 16,
+        min_split_len: int = 128,
+        num_sms: int | None = None,
+    ) -> None:
+        if not k_buffers or len(k_buffers) != len(v_buffers):
+            raise ValueError("need one K and one V buffer per layer")
+        if max_kv_splits < 1 or min_split_len < 1:
+            raise ValueError(
+                f"max_kv_splits ({max_kv_splits}) and min_split_len ({min_split_len}) must be > 0"
+            )
+        self.k_buffers = k_buffers
+        self.v_buffers = v_buffers
+        self.num_kv_heads, self.head_dim = k_buffers[0].shape[1], k_buffers[0].shape[2]
+        self.device = k_buffers[0].device
+        self.max_kv_splits = max_kv_splits
+        self.min_split_len = min_split_len
+        if num_sms is None:
+            is_cuda = self.device.type == "cuda"
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else 4
+        self.num_sms = num_sms
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reserve_decode_workspace(self, max_rows: int, num_q_heads: int) -> None:
+        """Allocate the split-KV scratch once, for up to max_rows decode rows (CUDA graphs point to it)."""
+        assert self._workspace is None, "the decode workspace is reserved once: graphs may point to it"
+        splits, device = self.max_kv_splits, self.device
+        self._workspace = decode_workspace(max_rows, num_q_heads, self.head_dim, splits, device)
+
+    def num_kv_splits(self, num_rows: int, num_q_heads: int, max_seq_len: int | None) -> int:
+        """Splits of the decode grid: about two waves of programs over the SMs, none shorter than
+        min_split_len keys when max_seq_len is known (None: CUDA-graph capture, any length may come)."""
+        _, head_programs = decode_head_groups(num_q_heads, self.num_kv_heads)
+        splits = triton.cdiv(2 * self.num_sms, max(num_rows * head_programs, 1))
+        if max_seq_len is not None:
+            splits = min(splits, triton.cdiv(max_seq_len, self.min_split_len))
+        return max(1, min(splits, self.max_kv_splits))
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        pass
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, q_heads, head_dim]
+        k: torch.Tensor,  # [T, kv_heads, head_dim]
+        v: torch.Tensor,  # [T, kv_heads, head_dim]
+        layer_id: int,
+        scale: float,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:  # [T, q_heads, head_dim]
+        k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        store_kv(k, v, k_buf, v_buf, batch.out_slots)
+        if batch.is_decode:
+            return self._decode(q, k_buf, v_buf, scale, batch)
+        return extend_attention(
+            q,
+            k_buf,
+            v_buf,
+            batch.req_to_token,
+            batch.req_rows,
+            batch.seq_lens,
+            batch.extend_lens,
+            batch.extend_starts,
+            scale,
+            max(batch.extend_lens_cpu, default=0),
+        )
+
+    def _decode(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, scale: float, batch: AttentionBatch
+    ) -> torch.Tensor:
+        num_rows, num_q_heads = q.shape[0], q.shape[1]
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        max_seq_len = None if capturing else max(batch.seq_lens_cpu, default=0)
+        splits = self.num_kv_splits(num_rows, num_q_heads, max_seq_len)
+        workspace = self._workspace
+        if workspace is None or workspace[0].shape[0] < num_rows or workspace[0].shape[1] != num_q_heads:
+            workspace = decode_workspace(num_rows, num_q_heads, self.head_dim, self.max_kv_splits, q.device)
+        return decode_attention(
+            q,
+            k_buf,
+            v_buf,
+            batch.req_to_token,
+            batch.req_rows,
+            batch.seq_lens,
+            scale,
+            splits,
+            min_split_len=self.min_split_len,
+            workspace=workspace,
+        )

@@ -1,0 +1,190 @@
+"""Triton attention over the token-level KV pool: split-KV decode (flash-decoding) and extend (prefill with a
+cached prefix). Both read every key and value through req_to_token, one slot per token:
+
+    row b:  keys k_buf[req_to_token[req_rows[b], 0 : seq_lens[b]]]   (k_buf: [num_slots, kv_heads, d])
+
+Decode, two kernels (grid sizes are host ints, so both are CUDA-graph safe):
+
+    stage 1, grid (B, head_blocks, num_splits):  one program = one row x a group of q heads that share one kv
+             head x one chunk of the row's keys. Partial output (already divided by its softmax sum) and its
+             log-sum-exp go to the fp32 workspace mid_o [B, Hq, S, d], mid_lse [B, Hq, S].
+    stage 2, grid (B, Hq):  out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max)
+
+    Each row uses min(num_splits, cdiv(seq_len, min_split_len)) of the splits, decided on the device, so short
+    rows of a mixed batch are not cut into slivers; unused splits write lse = -inf and weigh nothing.
+
+Extend, grid (B, Hq, cdiv(max_extend_len, BLOCK_M)): one program = BLOCK_M new queries of one row and head,
+an online softmax over keys 0 .. prefix_len + last query, causal within the new tokens:
+
+    keys:          0 ......... prefix_len-1 | prefix_len ......... seq_len-1
+    query i sees:  x ......... x            | x ... x (up to prefix_len + i)
+
+Scores are kept in base 2: q.k * scale * log2(e), then exp2, which is what the hardware computes natively.
+All accumulation is fp32; head_dim need not be a power of two (it is padded to one and masked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+MIN_HEAD_BLOCK = 16  # tl.dot needs at least 16 rows: a head group is padded up to this
+MAX_HEAD_BLOCK = 16  # q heads sharing one kv head that one decode program handles at most
+
+
+# Split counts vary from step to step: not specializing on them (Triton specializes ints equal to 1 or
+# divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture.
+@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
+def _decode_split_kernel(
+    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, MidO, MidLse,
+    qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    num_splits, min_split_len,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    head0 = tl.program_id(1) * HEADS  # HEADS q heads per program, all within one kv head's group
+    split = tl.program_id(2)
+    kv_head = head0 // GROUP
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HEADS
+    mask_d = offs_d < HEAD_DIM
+
+    seq_len = tl.load(SeqLens + b)
+    table = ReqToToken + tl.load(ReqRows + b).to(tl.int64) * stride_rt
+    # This row's share of the grid's splits, and the chunk of keys this split owns (BLOCK_N aligned).
+    row_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_len)), 1)
+    chunk = tl.cdiv(tl.cdiv(seq_len, row_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qt + (head0 + offs_h)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # int64: slot * slot_stride passes 2**31 in large pools.
+        slots = tl.load(table + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_ptrs = KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # An empty split (start >= end: a short row, or seq_len 0) stores o = 0, lse = -inf: weight 0 in stage 2.
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+    heads = (head0 + offs_h).to(tl.int64)
+    mo_ptrs = MidO + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s + offs_d[None, :]
+    tl.store(mo_ptrs, acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(MidLse + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_h)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    MidO, MidLse, Out,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_ml_b + h * stride_ml_h + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no keys: all weights 0, output 0 (and no inf - inf)
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    o_ptrs = MidO + b * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(Out + b * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _extend_kernel(
+    Q, KBuf, VBuf, Out, ReqToToken, ReqRows, SeqLens, ExtendLens, ExtendStarts,
+    qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    extend_len = tl.load(ExtendLens + r)
+    if m0 >= extend_len:  # the grid is sized for the longest row
+        return
+    seq_len = tl.load(SeqLens + r)
+    prefix_len = seq_len - extend_len
+    first = tl.load(ExtendStarts + r).to(tl.int64)
+    table = ReqToToken + tl.load(ReqRows + r).to(tl.int64) * stride_rt
+    kv_head = h // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < extend_len
+    mask_d = offs_d < HEAD_DIM
+    q_ptrs = Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = prefix_len + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(seq_len, prefix_len + m0 + BLOCK_M)  # the block's last query sees no further
+    # NOTE: key 0 is visible to every query, so each row's max is finite after the first tile (no inf - inf).
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        slots = tl.load(table + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: see the decode kernel
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_ptrs = KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

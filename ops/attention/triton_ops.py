@@ -1,0 +1,203 @@
+"""Launchers of the Triton attention kernels (ops/attention/triton_kernels.py): check shapes, dtypes and
+strides, pick block sizes, size the grids from host ints. Nothing here reads a device value.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from radixserve.ops.attention.triton_kernels import (
+    LOG2E,
+    MAX_HEAD_BLOCK,
+    MIN_HEAD_BLOCK,
+    _decode_reduce_kernel,
+    _decode_split_kernel,
+    _extend_kernel,
+)
+from radixserve.ops.triton_fused import interpreting
+
+
+def decode_head_groups(num_q_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """(q heads per decode program, programs per row along heads).
+
+    A program takes the largest divisor of the GQA group that fits MAX_HEAD_BLOCK, so every KV tile it loads
+    serves all its heads (GQA ratio 4: one program per kv head, 4 q heads each).
+    """
+    group = num_q_heads // num_kv_heads
+    heads = max(h for h in range(1, min(group, MAX_HEAD_BLOCK) + 1) if group % h == 0)
+    return heads, num_q_heads // heads
+
+
+def decode_workspace(
+    num_rows: int, num_q_heads: int, head_dim: int, max_splits: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 scratch of split-KV decode: mid_o [rows, Hq, splits, d] and mid_lse [rows, Hq, splits]."""
+    mid_o = torch.empty((num_rows, num_q_heads, max_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((num_rows, num_q_heads, max_splits), dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, PRECISION) of the kernels for this K/V dtype.
+
+    The interpreter keeps bf16 as raw uint16 and its tl.dot would multiply the bit patterns, so there bf16
+    tiles are upcast to fp32 first; compiled kernels keep 16-bit tiles for the tensor cores. fp32 uses exact
+    "ieee" dots (the default tf32 would cost ~1e-3 relative error; fp32 KV is a testing configuration).
+    """
+    upcast = dtype == torch.bfloat16 and interpreting()
+    return upcast, "ieee" if upcast or dtype == torch.float32 else "tf32"
+
+
+def _check_pool(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or k_buf.dim() != 3 or v_buf.shape != k_buf.shape:
+        raise ValueError(
+            f"q {tuple(q.shape)} must be [T, Hq, d], the KV buffers {tuple(k_buf.shape)} / "
+            f"{tuple(v_buf.shape)} [num_slots, Hkv, d]"
+        )
+    if q.shape[2] != k_buf.shape[2] or q.shape[1] % k_buf.shape[1]:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit the KV buffers {tuple(k_buf.shape)}: same head_dim, "
+            "and q heads a multiple of kv heads"
+        )
+    if not (q.dtype == k_buf.dtype == v_buf.dtype):
+        raise ValueError(f"q, k_buf, v_buf dtypes differ: {q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
+    if q.stride(-1) != 1 or k_buf.stride(-1) != 1 or v_buf.stride(-1) != 1:
+        raise ValueError("q and the KV buffers need unit stride in head_dim")
+    if req_to_token.dim() != 2 or req_to_token.dtype != torch.int32 or req_to_token.stride(1) != 1:
+        raise ValueError(
+            f"req_to_token must be [rows, context] int32 with unit column stride, got "
+            f"{tuple(req_to_token.shape)} {req_to_token.dtype} strides {req_to_token.stride()}"
+        )
+    b = req_rows.shape[0]
+    for name, t in (("req_rows", req_rows), ("seq_lens", seq_lens)):
+        if t.shape != (b,) or not t.is_contiguous() or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be contiguous [{b}] int32/int64, got {tuple(t.shape)} {t.dtype}")
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, d]: one query per row, row b at index b
+    k_buf: torch.Tensor,  # [num_slots, Hkv, d]
+    v_buf: torch.Tensor,  # [num_slots, Hkv, d]
+    req_to_token: torch.Tensor,  # [max_rows, max_context] int32
+    req_rows: torch.Tensor,  # [B]
+    seq_lens: torch.Tensor,  # [B] keys of each row, the new token's included
+    scale: float,
+    num_splits: int,
+    *,
+    min_split_len: int = 1,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:  # [B, Hq, d]
+    """Split-KV decode. The grid is (B, head programs, num_splits); a row uses at most
+    cdiv(seq_len, min_split_len) of the splits. `workspace` (see decode_workspace) may be larger than needed:
+    its split width, not num_splits, fixes the reduce kernel's compiled variant. Writes out and the workspace.
+    """
+    _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    num_rows, num_q_heads, head_dim = q.shape
+    if num_rows != req_rows.shape[0]:
+        raise ValueError(f"decode takes one query per row: {num_rows} queries for {req_rows.shape[0]} rows")
+    if num_splits < 1 or min_split_len < 1:
+        raise ValueError(f"num_splits ({num_splits}) and min_split_len ({min_split_len}) must be >= 1")
+    if workspace is None:
+        workspace = decode_workspace(num_rows, num_q_heads, head_dim, num_splits, q.device)
+    mid_o, mid_lse = workspace
+    if (
+        mid_o.shape[0] < num_rows
+        or mid_o.shape[1:] != (num_q_heads, mid_o.shape[2], head_dim)
+        or mid_o.shape[2] < num_splits
+        or mid_lse.shape != mid_o.shape[:3]
+        or mid_o.stride(-1) != 1
+        or mid_lse.stride(-1) != 1
+        or mid_o.dtype != torch.float32
+        or mid_lse.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"workspace {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} does not fit {num_rows} rows, "
+            f"{num_q_heads} heads, {num_splits} splits, head_dim {head_dim}"
+        )
+    if out is None:
+        out = torch.empty((num_rows, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    if num_rows == 0:
+        return out
+
+    heads, head_programs = decode_head_groups(num_q_heads, k_buf.shape[1])
+    block_d = triton.next_power_of_2(head_dim)
+    upcast, precision = _dot_mode(k_buf.dtype)
+    _decode_split_kernel[(num_rows, head_programs, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, mid_o, mid_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        num_splits, min_split_len,
+        GROUP=num_q_heads // k_buf.shape[1], HEADS=heads, HEAD_DIM=head_dim,
+        BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=upcast, PRECISION=precision, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    _decode_reduce_kernel[(num_rows, num_q_heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        num_splits,
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(mid_o.shape[2]), BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def extend_attention(
+    q: torch.Tensor,  # [T, Hq, d], rows one after another
+    k_buf: torch.Tensor,  # [num_slots, Hkv, d], the new tokens' K/V already stored
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,  # [max_rows, max_context] int32
+    req_rows: torch.Tensor,  # [B]
+    seq_lens: torch.Tensor,  # [B] keys of each row after this step
+    extend_lens: torch.Tensor,  # [B] new tokens of each row
+    extend_starts: torch.Tensor,  # [B] index in q of each row's first new token
+    scale: float,
+    max_extend_len: int,  # host int >= every extend_len: sizes the grid
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:  # [T, Hq, d]
+    """Causal attention of each row's new queries over its cached prefix and its new tokens."""
+    _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    num_rows = req_rows.shape[0]
+    for name, t in (("extend_lens", extend_lens), ("extend_starts", extend_starts)):
+        if t.shape != (num_rows,) or not t.is_contiguous() or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"{name} must be contiguous [{num_rows}] int32/int64, {tuple(t.shape)} {t.dtype}"
+            )
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    if num_rows == 0 or max_extend_len <= 0:
+        return out
+
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    block_d = triton.next_power_of_2(head_dim)
+    if block_d > 128:  # keep the [BLOCK_M, d] and [BLOCK_N, d] tiles within registers / shared memory
+        block_m, block_n = min(block_m, 32), min(block_n, 32)
+    upcast, precision = _dot_mode(k_buf.dtype)
+    _extend_kernel[(num_rows, num_q_heads, triton.cdiv(max_extend_len, block_m))](
+        q, k_buf, v_buf, out, req_to_token, req_rows, seq_lens, extend_lens, extend_starts,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_q_heads // k_buf.shape[1], HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=upcast, PRECISION=precision, num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )  # fmt: skip
+    return out
