@@ -147,3 +147,22 @@ def test_stop_token_reports_matched_stop() -> None:
     got = run(core, worker, {0: [("s", prompt, 50)]})
     assert got["s"][-1].finish_reason == FinishReason.STOP and got["s"][-1].matched_stop == STOP
     assert [t for u in got["s"] for t in u.token_ids][-1] == STOP
+
+
+def test_overlap_keeps_every_decoding_request_in_every_step() -> None:
+    """With two steps in flight, a decode row refers to the previous step's sample: no request sits out."""
+    core, worker = make()
+    for i in range(8):  # no stop ids: every request runs its 40 tokens
+        core.submit(SubmitRequest(f"r{i}", [5 + i, 6, 7], SamplingParams(), 40, [], 0.0))
+    sizes: list[int] = []
+    inflight: deque = deque()
+    while core.has_work or inflight:
+        plan = core.schedule()
+        if plan is not None:
+            sizes.append(len(plan.req_rows) // 4)
+            inflight.append(worker.step(plan))
+            if len(inflight) < 2:
+                continue
+        core.apply(inflight.popleft())
+    # One prefill step for all 8, then 39 decode steps of all 8 rows (the 40th token comes from step 39).
+    assert sizes[0] == 8 and all(n == 8 for n in sizes[1:39]), sizes
