@@ -1,0 +1,103 @@
+"""GPU busy and idle time from a torch.profiler (Kineto) chrome trace.
+
+Every GPU operation (kernels, memcpys, memsets) is an interval on the device timeline. Over the traced window:
+
+    idle fraction          1 - |union of intervals| / window        every gap, inside steps and between them
+    between-step idle      from the end of each step's device->host copy of its sampled tokens (the last
+                           thing a step does on the GPU) to the start of the next GPU operation
+
+A decode step copies exactly one tensor to the host (its tokens; logprobs add more), so DtoH copies delimit
+steps. The idle fraction bounds the between-step idle from above.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GPU_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    gpu_ops: int
+    window_ms: float
+    busy_ms: float
+    idle_fraction: float
+    steps: int  # step periods measured between DtoH copies
+    median_step_ms: float
+    between_step_idle_ms: float  # summed over the measured periods
+    between_step_idle_fraction: float  # of the summed periods
+    max_between_step_gap_ms: float
+
+
+def load_trace(path: str | Path) -> dict[str, Any]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        trace: dict[str, Any] = json.load(f)
+    return trace
+
+
+def gpu_ops(trace: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """([N, 2] start/end in microseconds sorted by start, [N] bool: is a device->host copy)."""
+    ops = [
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), _is_dtoh(e))
+        for e in trace.get("traceEvents", [])
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES
+    ]
+    ops.sort()
+    intervals = np.array([(s, e) for s, e, _ in ops], dtype=np.float64).reshape(-1, 2)
+    return intervals, np.array([d for _, _, d in ops], dtype=bool)
+
+
+def _is_dtoh(event: dict[str, Any]) -> bool:
+    return event.get("cat") == "gpu_memcpy" and "DtoH" in event.get("name", "")
+
+
+def union_length(intervals: np.ndarray) -> float:
+    """Total length covered by sorted-by-start intervals (overlaps counted once)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in intervals:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return float(total)
+
+
+def analyze(trace: dict[str, Any], skip_steps: int = 2) -> TraceStats | None:
+    """None when the trace holds no GPU operations (a CPU run)."""
+    intervals, dtoh = gpu_ops(trace)
+    if not len(intervals):
+        return None
+    window = float(intervals[:, 1].max() - intervals[0, 0])
+    busy = union_length(intervals)
+    # Step boundaries: ends of DtoH copies; the gap after each is the wait for the next step's first op.
+    boundaries = np.sort(intervals[dtoh, 1])[skip_steps:]
+    starts = intervals[:, 0]
+    gaps, periods = [], []
+    for b0, b1 in zip(boundaries[:-1], boundaries[1:], strict=True):
+        nxt = starts[np.searchsorted(starts, b0, side="left")] if starts[-1] >= b0 else b0
+        gaps.append(max(0.0, min(nxt, b1) - b0))
+        periods.append(b1 - b0)
+    period_sum = float(sum(periods))
+    return TraceStats(
+        gpu_ops=len(intervals),
+        window_ms=window / 1e3,
+        busy_ms=busy / 1e3,
+        idle_fraction=1.0 - busy / window if window > 0 else 0.0,
+        steps=len(periods),
+        median_step_ms=float(np.median(periods)) / 1e3 if periods else float("nan"),
+        between_step_idle_ms=float(sum(gaps)) / 1e3,
+        between_step_idle_fraction=float(sum(gaps)) / period_sum if period_sum > 0 else float("nan"),
+        max_between_step_gap_ms=max(gaps, default=0.0) / 1e3,
+    )

@@ -1,0 +1,228 @@
+"""Per-step timestamps inside the GPU worker, for measuring how long the GPU waits between steps.
+
+Each step gets three marks, CUDA events recorded on the worker's stream (host clock on the CPU):
+
+    begin    the worker enters ModelRunner.step         (the event completes once the GPU is done with
+                                                         everything before it *and* the host got here)
+    launch   the step's inputs are on the device, just before its first kernel
+    end      step() returned: all of its work is queued  (completes when the GPU has finished the step)
+
+On the GPU timeline, `launch[n+1] - end[n]` is the time the GPU had nothing of the model to run between step n
+and step n+1 (it includes the tiny host->device copy of the plan), and `launch[n+1] - launch[n]` is the step
+period; with the overlap pipeline the host prepares step n+1 while the GPU runs step n, so the gap is ~0.
+Host-clock copies of the marks are kept too. Optionally a torch.profiler trace (CUDA activity only, so that
+the host is not slowed down) covers `profile_steps` decode steps of at least `min_rows` rows after
+`profile_skip` of them.
+
+The worker has no hook for this yet: `install()` patches ModelRunner.step and ReqToTokenTable.write from a
+`sitecustomize` that profile_decode puts on the worker's PYTHONPATH (see profile_decode.py and the README for
+the proposed three-line hook that replaces the patch).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ENV = "RADIXSERVE_STEP_TIMING"
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimingConfig:
+    out_dir: str  # each worker process writes steps-<pid>.json here at exit
+    min_rows: int = 1  # the profiler window counts decode steps of at least this many rows
+    profile_skip: int = 20
+    profile_steps: int = 0  # 0: no torch.profiler trace
+    trace_path: str = ""
+    max_steps: int = 200_000
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> StepTimingConfig | None:
+        raw = os.environ.get(ENV)
+        return cls(**json.loads(raw)) if raw else None
+
+
+class _Clock:
+    """Marks on the device's timeline: CUDA events on the current stream, or the host clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.base: Any = self.mark()
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter_ns()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, mark: Any) -> float:
+        """Milliseconds since the clock's base; call after the device synchronized."""
+        if mark is None:
+            return float("nan")
+        if not self.cuda:
+            return (mark - self.base) / 1e6
+        return float(self.base.elapsed_time(mark))
+
+
+class StepTimer:
+    def __init__(self, cfg: StepTimingConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.clock = _Clock(device)
+        self.host_base = time.perf_counter_ns()
+        # Per step: [step, rows, tokens, begin, launch, end, host_begin, host_launch, host_end].
+        self.records: list[list[Any]] = []
+        self.current: list[Any] | None = None
+        self.matching = 0  # decode steps of min_rows rows or more seen
+        self.profiler: Any = None
+        # Steps whose timing the profiler disturbed: [the one it started before, the one it stopped before].
+        self.profiled: list[int] = []
+
+    # -- the three marks -----------------------------------------------------------------------------------
+
+    def begin(self, plan: Any) -> None:
+        rows = len(plan.req_rows) // 4
+        tokens = len(plan.out_slots) // 4
+        self._profile_window(plan.step, rows, tokens)
+        if len(self.records) >= self.cfg.max_steps:
+            self.current = None
+            return
+        self.current = [plan.step, rows, tokens, self.clock.mark(), None, None, self._host(), None, None]
+
+    def launch(self) -> None:
+        """May be called several times per step; the last call counts (the step's main inputs)."""
+        if self.current is not None:
+            self.current[4] = self.clock.mark()
+            self.current[7] = self._host()
+
+    def end(self) -> None:
+        if self.current is not None:
+            self.current[5] = self.clock.mark()
+            self.current[8] = self._host()
+            self.records.append(self.current)
+            self.current = None
+
+    def _host(self) -> float:
+        return (time.perf_counter_ns() - self.host_base) / 1e6
+
+    # -- the optional profiler window ----------------------------------------------------------------------
+
+    def _profile_window(self, step: int, rows: int, tokens: int) -> None:
+        cfg = self.cfg
+        if not cfg.profile_steps or rows < cfg.min_rows or tokens != rows:
+            if self.profiler is not None:  # the steady state ended before the window did
+                self._stop_profiler(step)
+            return
+        self.matching += 1
+        if self.matching == cfg.profile_skip + 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CUDA] if self.clock.cuda else [ProfilerActivity.CPU]
+            self.profiler = profile(activities=activities)
+            self.profiler.start()
+            self.profiled = [step, step]
+        elif self.matching == cfg.profile_skip + cfg.profile_steps + 1 and self.profiler is not None:
+            self._stop_profiler(step)
+
+    def _stop_profiler(self, step: int) -> None:
+        self.profiled[1] = step
+        self.profiler.stop()
+        Path(self.cfg.trace_path).parent.mkdir(parents=True, exist_ok=True)
+        self.profiler.export_chrome_trace(self.cfg.trace_path)
+        self.profiler = None
+
+    # -- results -------------------------------------------------------------------------------------------
+
+    def dump(self) -> Path:
+        if self.profiler is not None:
+            self._stop_profiler(self.records[-1][0] + 1 if self.records else 0)
+        if self.clock.cuda:
+            torch.cuda.synchronize(self.device)
+        steps = [
+            [step, rows, tokens, *(self.clock.ms(m) for m in (b, la, e)), hb, hl, he]
+            for step, rows, tokens, b, la, e, hb, hl, he in self.records
+        ]
+        path = Path(self.cfg.out_dir) / f"steps-{os.getpid()}.json"
+        body = {
+            "device": str(self.device),
+            "clock": "cuda_events" if self.clock.cuda else "host",
+            "columns": ["step", "rows", "tokens", "begin_ms", "launch_ms", "end_ms",
+                        "host_begin_ms", "host_launch_ms", "host_end_ms"],
+            "steps": steps,
+            "trace": self.cfg.trace_path if self.cfg.profile_steps else None,
+            "profiled_steps": self.profiled,
+        }
+        path.write_text(json.dumps(body), encoding="utf-8")
+        return path
+
+
+def install(cfg: StepTimingConfig) -> None:
+    """Patch the worker's ModelRunner so that every step is timed; results are written at exit."""
+    from radixserve.actors import model_runner
+    from radixserve.memory import kv_pool
+
+    timers: list[StepTimer] = []
+    step = model_runner.ModelRunner.step
+    write = kv_pool.ReqToTokenTable.write
+
+    def timed_step(self: Any, plan: Any) -> Any:
+        if not timers:
+            timers.append(StepTimer(cfg, self.device))
+            atexit.register(timers[0].dump)
+        timers[0].begin(plan)
+        try:
+            return step(self, plan)
+        finally:
+            timers[0].end()
+
+    def marked_write(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # The step's last table write comes right after its inputs reached the device, before the forward.
+        if timers:
+            timers[0].launch()
+        return write(self, *args, **kwargs)
+
+    model_runner.ModelRunner.step = timed_step  # type: ignore[method-assign]
+    kv_pool.ReqToTokenTable.write = marked_write  # type: ignore[method-assign]
+
+
+# The sitecustomize that profile_decode writes into a folder on the worker's PYTHONPATH. It patches only the
+# GPU worker process, then hands over to any other sitecustomize on the path.
+SITECUSTOMIZE = f'''\
+import os, sys
+if os.environ.get("{ENV}") and any("gpu_worker" in a for a in getattr(sys, "orig_argv", ())):
+    from radixserve.benchmarks.step_timer import StepTimingConfig, install
+    install(StepTimingConfig.from_env())
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+_self = sys.modules.pop("sitecustomize")
+try:
+    import sitecustomize  # noqa: F401  (the next one on the path, if any)
+except ImportError:
+    sys.modules["sitecustomize"] = _self
+'''
+
+
+def write_sitecustomize(folder: Path) -> None:
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+
+
+def load_steps(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every worker's dump in `out_dir`, each as {"device", "clock", "steps": ndarray [N, 9], "trace"}."""
+    dumps = []
+    for path in sorted(Path(out_dir).glob("steps-*.json")):
+        body = json.loads(path.read_text(encoding="utf-8"))
+        body["steps"] = np.array(body["steps"], dtype=np.float64).reshape(-1, len(body["columns"]))
+        dumps.append(body)
+    return dumps
