@@ -18,6 +18,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct, GGUF)
+    load_format: str = "auto"  # "dummy": random weights, config.json and tokenizer only (benchmarks)
     served_model_name: str | None = None
     tokenizer_path: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
@@ -37,6 +38,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     new_token_ratio: float = 0.7  # initial share of max_new_tokens reserved for each running request
     min_new_token_ratio: float = 0.1
+    disable_jump_forward: bool = False  # constrained decoding: decode forced text token by token
     # GPU path.
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, torch on the CPU
     disable_cuda_graph: bool = False
@@ -44,9 +46,20 @@ class EngineConfig:
     enable_torch_compile: bool = False
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
-    # Parallelism.
+    # Parallelism: dp_size replicas (each a scheduler and its own KV pool) of tp_size worker processes each.
     tp_size: int = 1
     dp_size: int = 1
+    # Data-parallel routing (actors/router.py): a request goes to the replica holding the longest prefix of it
+    # (at least dp_cache_threshold of the prompt) unless that replica has more than dp_balance_threshold
+    # outstanding requests above the least loaded one, which gets it otherwise.
+    dp_balance_threshold: int = 32
+    dp_cache_threshold: float = 0.3
+    # Tensor parallelism across hosts: node 0 runs the engine and ranks 0..tp/nnodes-1; node k runs ranks
+    # k*tp/nnodes.. as `python -m radixserve.actors.worker_node`. dist_init_addr "HOST:PORT" is node 0:
+    # torch.distributed meets on PORT, the workers of other nodes fetch their step plans from PORT + 1.
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
     # Misc.
     random_seed: int | None = None
     chat_template: str | None = None
@@ -70,15 +83,35 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
-        if self.tp_size != 1 or self.dp_size != 1:
-            raise UnsupportedFeatureError("tensor and data parallelism (--tp-size/--dp-size > 1) are not built yet")
+        for name in ("tp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_balance_threshold < 0 or not 0.0 <= self.dp_cache_threshold <= 1.0:
+            raise ValueError("dp_balance_threshold must be >= 0 and dp_cache_threshold in [0, 1]")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            if self.tp_size % self.nnodes:
+                raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
+            if self.dp_size != 1:
+                raise UnsupportedFeatureError("data parallelism across nodes (--dp-size > 1, --nnodes > 1)")
+            if self.dist_init_addr is None:
+                raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+            self.dist_init_endpoint()  # validates it
         if self.quantization is not None:
             raise UnsupportedFeatureError(f"quantization {self.quantization!r} is not built yet")
         if self.kv_cache_dtype != "auto":
             raise UnsupportedFeatureError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not built yet")
         if self.enable_torch_compile:
             raise UnsupportedFeatureError("--enable-torch-compile is not built yet")
-        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+        if self.attention_backend not in ("auto", "torch", "flashinfer", "triton"):
             raise UnsupportedFeatureError(
-                f"attention backend {self.attention_backend!r} is not built (available: flashinfer, torch)"
+                f"attention backend {self.attention_backend!r} is not built (available: flashinfer, triton, torch)"
             )
+
+    def dist_init_endpoint(self) -> tuple[str, int]:
+        """(host, port) of --dist-init-addr; port + 1 is node 0's listener for the other nodes' workers."""
+        host, sep, port = (self.dist_init_addr or "").rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+            raise ValueError(f"dist_init_addr must be HOST:PORT (PORT < 65535), got {self.dist_init_addr!r}")
+        return host.strip("[]"), int(port)

@@ -3,7 +3,7 @@
     python -m radixserve.launch_server                          # the default model on 127.0.0.1:30000
     python -m radixserve.launch_server --model-path Qwen/Qwen2-0.5B --port 8000 --api-key sk-...
 
-The flags map onto EngineConfig, which refuses what is not built (tp > 1, quantization, ...): the message is
+The flags map onto EngineConfig, which refuses what is not built (quantization, ...): the message is
 printed and the process exits with status 2, as for a bad flag. The engine starts before the port opens, so
 a server that answers /health is ready. SIGINT or SIGTERM stops accepting, finishes the open responses, then
 stops the engine.
@@ -37,6 +37,9 @@ ENGINE_FLAGS = (
     "served_model_name",
     "tp_size",
     "dp_size",
+    "nnodes",
+    "node_rank",
+    "dist_init_addr",
     "mem_fraction_static",
     "context_length",
     "chunked_prefill_size",
@@ -46,6 +49,7 @@ ENGINE_FLAGS = (
     "max_total_tokens",
     "schedule_policy",
     "disable_radix_cache",
+    "disable_jump_forward",
     "disable_cuda_graph",
     "cuda_graph_max_bs",
     "enable_torch_compile",
@@ -67,6 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--port", type=int, default=30000)
     add("--tp-size", "--tp", dest="tp_size", type=int, help="tensor parallel size")
     add("--dp-size", "--dp", dest="dp_size", type=int, help="data parallel size")
+    add("--nnodes", type=int, help="hosts that tensor parallelism spans")
+    add("--node-rank", type=int, help="this host's rank; 0 serves, the others run workers only")
+    add("--dist-init-addr", help="node 0's HOST:PORT (torch.distributed on PORT, step plans on PORT+1)")
     add("--mem-fraction-static", type=float, help="share of GPU memory for weights and KV cache")
     add("--context-length", type=int, help="default: the model's max_position_embeddings")
     add("--chunked-prefill-size", type=int, help="token budget of one step")
@@ -76,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--max-total-tokens", type=int, help="KV pool size in tokens (wins over --mem-fraction-static)")
     add("--schedule-policy", choices=["lpm", "fcfs", "priority"])
     add("--disable-radix-cache", action="store_true", default=None)
+    add("--disable-jump-forward", action="store_true", default=None,
+        help="constrained decoding: decode text the grammar forces token by token")
     add("--disable-cuda-graph", action="store_true", default=None)
     add("--cuda-graph-max-bs", type=int)
     add("--enable-torch-compile", action="store_true", default=None)
@@ -132,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UnsupportedFeatureError, ValueError, OSError) as e:
         print(f"radixserve: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if config.node_rank > 0:  # another node of a multi-node TP group: workers only, no server
+        from radixserve.actors.worker_node import run_worker_node
+
+        sys.exit(run_worker_node(config))
     try:
         anyio.run(serve, config, server_config, args.log_level, backend_options={"use_uvloop": True})
     except RadixServeError as e:  # the model is missing, the worker failed to start, ...

@@ -6,6 +6,7 @@ map their fields onto these. Unknown keys are rejected when decoding from a dict
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -40,6 +41,12 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     prompt_logprobs: int | None = None
     # Where the prompt's logprobs start (SGLang's logprob_start_len); only with prompt_logprobs.
     logprob_start_len: int = 0
+    # Constrained decoding, at most one of: a JSON schema (JSON text; a dict is accepted by from_dict), a
+    # regular expression, an EBNF grammar (xgrammar's dialect, rule `root`), or any JSON object.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_object: bool = False
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise InvalidRequestError naming the first bad field; return self for chaining."""
@@ -63,6 +70,12 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
         _check(self.logprob_start_len >= 0, "logprob_start_len", "must be >= 0")
         if self.stop is not None:
             _check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) not in (None, False)]
+        _check(len(given) <= 1, given[-1] if given else "", f"give at most one of {', '.join(given)}")
+        if given:
+            # NOTE: the grammar decides where the output ends; masking EOS until min_new_tokens could leave
+            # no token the grammar allows.
+            _check(self.min_new_tokens == 0, "min_new_tokens", f"cannot be combined with {given[0]}")
         if vocab_size is not None:
             for token in self.stop_token_ids or ():
                 _check(0 <= token < vocab_size, "stop_token_ids", f"token id {token} is outside the vocabulary")
@@ -74,6 +87,19 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field, spec) of the grammar the output must match, or None; json_object's spec is ""."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.ebnf is not None:
+            return "ebnf", self.ebnf
+        if self.json_object:
+            return "json_object", ""
+        return None
 
     @property
     def needs_penalties(self) -> bool:
@@ -90,10 +116,15 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
                 data["logit_bias"] = {int(k): v for k, v in data["logit_bias"].items()}
             except ValueError:
                 raise InvalidRequestError("logit_bias", "keys must be token ids") from None
+        if isinstance(data.get("json_schema"), dict):
+            data["json_schema"] = json.dumps(data["json_schema"])  # key order kept: it is generation order
         try:
             return msgspec.convert(data, cls, strict=False)
         except msgspec.ValidationError as e:
             raise InvalidRequestError(_field_of(str(e)), str(e)) from None
+
+
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf", "json_object")
 
 
 def _check(ok: bool, field: str, message: str) -> None:

@@ -2,12 +2,13 @@
 
 Per request it keeps an IncrementalDetokenizer (multi-byte characters across tokens come out whole) and a
 StopStringMatcher (a possible stop prefix is held back, so a stop string never leaks). On a stop string the
-request is finished here and the scheduler is told to stop it (AbortRequest with reason STOP_STRING); the
-scheduler's own final update for it is then dropped.
+request is finished here and its scheduler (that of its data-parallel replica) is told to stop it
+(AbortRequest with reason STOP_STRING); the scheduler's own final update for it is then dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
@@ -38,6 +39,7 @@ class _Stream:
     num_tokens: int = 0
     done: bool = False  # finished here (stop string); waiting for the scheduler's final update
     tokens: list[int] = field(default_factory=list)
+    replica: int = 0
 
 
 class Detokenizer:
@@ -46,12 +48,12 @@ class Detokenizer:
         tokenizer: Any,
         inbox: Inbox[DetokenizerInbox],
         ingress: Outbox[IngressInbox],
-        scheduler: Outbox[SchedulerInbox],
+        scheduler: Outbox[SchedulerInbox] | Sequence[Outbox[SchedulerInbox]],  # one per replica
     ) -> None:
         self.tokenizer = tokenizer
         self.inbox = inbox
         self.ingress = ingress
-        self.scheduler = scheduler
+        self.schedulers = list(scheduler) if isinstance(scheduler, Sequence) else [scheduler]
         self.streams: dict[str, _Stream] = {}
 
     async def run(self) -> None:
@@ -84,6 +86,7 @@ class Detokenizer:
                 self.tokenizer, msg.prompt_ids, p.skip_special_tokens, p.spaces_between_special_tokens
             ),
             stops=StopStringMatcher(p.stop) if p.stop else None,
+            replica=msg.replica,
         )
 
     async def _apply(self, update: RequestUpdate) -> RequestOutput | None:
@@ -105,7 +108,8 @@ class Detokenizer:
                 finish, matched = FinishReason.STOP, stop
                 stream.done = update.finish_reason is None
                 if stream.done:
-                    await self.scheduler.send(AbortRequest(update.rid, AbortReason.STOP_STRING))
+                    abort = AbortRequest(update.rid, AbortReason.STOP_STRING)
+                    await self.schedulers[stream.replica].send(abort)
             elif update.finish_reason is not None:
                 text += stream.stops.flush()
         usage = None

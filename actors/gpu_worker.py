@@ -1,6 +1,8 @@
-"""GPU worker process: `python -m radixserve.actors.gpu_worker --socket PATH`.
+"""GPU worker process: `python -m radixserve.actors.gpu_worker --socket PATH`, or
+`--connect HOST:PORT --rank R` for a rank on another node (it introduces itself with WorkerHello).
 
-Connects to the engine's Unix socket, receives InitWorker, loads the model and allocates the KV pool, answers
+Connects to the engine's Unix socket, receives InitWorker, joins its tensor-parallel group (torch.distributed:
+NCCL on CUDA, gloo on the CPU), loads the model and allocates the KV pool, answers
 WorkerReady, then runs every StepPlan in order and answers rank 0's StepResults. Plans are executed strictly
 in arrival order: the scheduler relies on it (a later step may read KV that an earlier one writes).
 """
@@ -10,12 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import select
 import socket
 import sys
 import threading
+import time
 import traceback
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from radixserve.actors.mailbox import BlockingSocketMailbox, MailboxClosed
 from radixserve.actors.messages import (
@@ -23,6 +29,7 @@ from radixserve.actors.messages import (
     Shutdown,
     StepPlan,
     WorkerFailed,
+    WorkerHello,
     WorkerInbox,
     WorkerReady,
 )
@@ -34,6 +41,7 @@ from radixserve.models.loader import load_model
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend
+from radixserve.ops.parallel import TPGroup
 from radixserve.ops.sampler import Sampler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,15 +62,42 @@ def kv_pool_slots(init: InitWorker, bytes_per_slot: int, device: torch.device) -
     return slots
 
 
+def init_tensor_parallel(init: InitWorker, device: torch.device) -> TPGroup:
+    """Join this worker's tensor-parallel group; it is the process's whole world (each DP replica has its own
+    rendezvous). Size 1 joins nothing."""
+    if init.tp_size == 1:
+        return TPGroup()
+    if not init.dist_init_method:
+        raise RuntimeError("tp_size > 1 needs a dist_init_method")
+    cuda = device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=init.dist_init_method, rank=init.rank,
+        world_size=init.tp_size, device_id=device if cuda else None,
+    )
+    return TPGroup(init.rank, init.tp_size, dist.group.WORLD)
+
+
+def local_kv_heads(model: Any) -> int:
+    """KV heads this rank stores: num_kv_heads / tp, or 1 where a KV head is replicated on several ranks
+    (fewer KV heads than ranks; see ops/linear.QKVParallelLinear)."""
+    return int(model.model.layers[0].self_attn.qkv_proj.num_kv_heads_local)
+
+
 def build_runner(init: InitWorker) -> tuple[ModelRunner, WorkerReady]:
     device = torch.device(init.device)
     dtype = _DTYPES[init.dtype]
-    if init.random_seed is not None:
-        torch.manual_seed(init.random_seed)
-    model, config = load_model(init.model_path, dtype=dtype, device=device)
-    bytes_per_slot = KVCache.bytes_per_slot(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", init.rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # rank r of a group runs on cuda:r (kernels use the current device)
+    tp = init_tensor_parallel(init, device)
+    model, config = load_model(
+        init.model_path, dtype=dtype, device=device, tp=tp, load_format=init.load_format
+    )
+    kv_heads = local_kv_heads(model)
+    bytes_per_slot = KVCache.bytes_per_slot(config.num_layers, kv_heads, config.head_dim, dtype)
     num_slots = kv_pool_slots(init, bytes_per_slot, device)
-    kv = KVCache(config.num_layers, num_slots, config.num_kv_heads, config.head_dim, dtype, device)
+    kv = KVCache(config.num_layers, num_slots, kv_heads, config.head_dim, dtype, device)
     # One extra, never-written row: CUDA-graph padding rows read it (all slot 0).
     table = ReqToTokenTable(init.max_rows + 1, init.context_length + 1, device)
     sampler = Sampler(config.vocab_size, config.eos_token_ids, device)
@@ -70,7 +105,10 @@ def build_runner(init: InitWorker) -> tuple[ModelRunner, WorkerReady]:
     graphs = None
     if device.type == "cuda" and not init.disable_cuda_graph:
         if not isinstance(backend, FlashInferAttentionBackend):
-            raise UnsupportedFeatureError("CUDA graphs need the flashinfer backend; pass --disable-cuda-graph")
+            raise UnsupportedFeatureError(
+                f"CUDA graphs are captured with the flashinfer backend; with --attention-backend "
+                f"{init.attention_backend} pass --disable-cuda-graph"
+            )
         graphs = CudaGraphRunner(model, backend, table.table, init.max_rows,
                                  min(init.cuda_graph_max_bs, init.max_rows), init.context_length + 1)
         graphs.capture()
@@ -83,7 +121,36 @@ def build_runner(init: InitWorker) -> tuple[ModelRunner, WorkerReady]:
         device=str(device),
         kv_bytes=num_slots * bytes_per_slot,
     )
-    return ModelRunner(model, kv, table, sampler, backend, device, graphs), ready
+    # NOTE: ranks of a TP group must sample the same tokens. They hold bitwise-equal logits (the LM head
+    # all-gathers them), and the engine gives every rank the same seed, seeded here, after everything that
+    # might draw random numbers: unseeded requests then draw the same noise on every rank, step after step
+    # (seeded requests have their own generators). No collective per step is needed.
+    if init.random_seed is not None:
+        torch.manual_seed(init.random_seed)
+    runner = ModelRunner(model, kv, table, sampler, backend, device, graphs)
+    if tp.size > 1 and os.environ.get("RADIXSERVE_CHECK_TP_TOKENS") == "1":
+        return TokenAgreementCheck(runner, tp), ready  # type: ignore[return-value]
+    return runner, ready
+
+
+class TokenAgreementCheck:
+    """RADIXSERVE_CHECK_TP_TOKENS=1 (tests, debugging): after each step every rank all-gathers its sampled
+    tokens and fails the step unless all agree. Costs a host sync and a collective per step."""
+
+    def __init__(self, runner: ModelRunner, tp: TPGroup) -> None:
+        self.runner = runner
+        self.tp = tp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def step(self, plan: StepPlan) -> Any:
+        pending = self.runner.step(plan)
+        tokens = torch.frombuffer(bytearray(pending.result().tokens), dtype=torch.int32)
+        ranks = self.tp.all_gather(tokens.to(self.runner.device).unsqueeze(0), dim=0)  # [tp, B]
+        if not bool((ranks == ranks[0]).all()):
+            raise RuntimeError(f"step {plan.step}: the tensor-parallel ranks sampled different tokens")
+        return pending
 
 
 def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, device: torch.device) -> AttentionBackend:
@@ -102,7 +169,15 @@ def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, devic
             )
         except ImportError as e:
             raise UnsupportedFeatureError(f"flashinfer is not installed ({e}); pip install flashinfer-python") from e
-    raise UnsupportedFeatureError(f"attention backend {name!r} is not built (available: flashinfer, torch)")
+    if name == "triton":
+        if device.type != "cuda":
+            raise UnsupportedFeatureError("the triton backend needs CUDA; use --attention-backend torch")
+        from radixserve.ops.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(kv.k_buffers, kv.v_buffers)
+    raise UnsupportedFeatureError(
+        f"attention backend {name!r} is not built (available: flashinfer, triton, torch)"
+    )
 
 
 class ResultSender:
@@ -165,18 +240,64 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
                 raise RuntimeError(f"unexpected message {type(msg).__name__}")
 
 
+def connect_tcp(address: str, timeout: float) -> socket.socket:
+    """A connection to node 0's engine at HOST:PORT, retried until `timeout` (node 0 may start later)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # plans are small frames; do not batch them
+    return sock
+
+
+def exit_when_engine_hangs_up(sock: socket.socket) -> None:
+    """Exit as soon as the engine closes this worker's connection, even while the main thread is blocked in a
+    collective that waits for a dead peer: the engine closes every connection of a group that lost a rank, and
+    the ranks on other nodes are beyond its reach otherwise. A daemon thread polls for the hang-up only."""
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sock.fileno(), rdhup)
+        poller.poll()  # returns on the hang-up (or POLLHUP / POLLERR / POLLNVAL, always reported)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="engine-hangup-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="radixserve GPU worker (started by the engine)")
-    parser.add_argument("--socket", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--socket", help="the engine's Unix socket (a worker on node 0)")
+    target.add_argument("--connect", metavar="HOST:PORT", help="node 0's engine over TCP (another node)")
+    parser.add_argument("--rank", type=int, default=0, help="this worker's TP rank (with --connect)")
+    parser.add_argument("--connect-timeout", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.socket)
+    if args.socket is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(args.socket)
+    else:
+        sock = connect_tcp(args.connect, args.connect_timeout)
     mailbox: BlockingSocketMailbox[WorkerInbox] = BlockingSocketMailbox(sock, WorkerInbox)
+    exit_when_engine_hangs_up(sock)
     try:
+        if args.connect is not None:
+            mailbox.send(WorkerHello(args.rank))
         serve(mailbox)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except MailboxClosed:
         pass  # the engine went away: nothing left to serve
     except Exception:

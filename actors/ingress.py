@@ -3,6 +3,10 @@
 Callers (Engine, the HTTP server) `open()` a request and read its RequestOutputs from the returned handle;
 the actor loop routes the detokenizer's output batches to the handles. Tokenization runs in a worker thread,
 off the event loop. Bad input raises InvalidRequestError naming the field before anything is registered.
+
+With data parallelism the ingress's Router picks the replica (scheduler) of each request and remembers it for
+aborts; the ingress tells it when a request is over. A replica whose workers died gets no new requests, and
+its own requests fail with an error.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, assert_never
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.mailbox import Inbox, MailboxClosed, Outbox
 from radixserve.actors.messages import (
     AbortReason,
@@ -27,10 +32,11 @@ from radixserve.actors.messages import (
     IngressInbox,
     OutputBatch,
     RegisterRequest,
+    ReplicaFailed,
     RequestOutput,
-    SchedulerInbox,
     SubmitRequest,
 )
+from radixserve.actors.router import Router
 from radixserve.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -54,6 +60,7 @@ class RequestHandle:
     params: SamplingParams
     outputs: MemoryObjectReceiveStream[RequestOutput]
     finished: bool = False
+    replica: int = 0  # the data-parallel replica serving it
 
 
 class Ingress:
@@ -62,18 +69,20 @@ class Ingress:
         tokenizer: Any,
         limits: ModelLimits,
         inbox: Inbox[IngressInbox],
-        scheduler: Outbox[SchedulerInbox],
+        router: Router,
         detokenizer: Outbox[DetokenizerInbox],
         max_outstanding: int | None = None,
         chat_template: str | None = None,
+        grammars: GrammarCache | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.inbox = inbox
-        self.scheduler = scheduler
+        self.router = router
         self.detokenizer = detokenizer
         self.max_outstanding = max_outstanding
         self.chat_template = chat_template
+        self.grammars = grammars  # compiled here (off the event loop) before the scheduler sees the request
         self._handles: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
         self._counter = itertools.count()
         self.dead: str | None = None
@@ -95,6 +104,7 @@ class Ingress:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         params = self._params(sampling_params)
+        await self._prepare_grammar(params)
         ids = await self._tokenize(prompt, input_ids, messages)
         max_new = self._max_new_tokens(len(ids), params)
         if self.max_outstanding is not None and len(self._handles) >= self.max_outstanding:
@@ -102,20 +112,22 @@ class Ingress:
         rid = rid or f"{uuid.uuid4().hex[:16]}-{next(self._counter)}"
         if rid in self._handles:
             raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+        replica = self.router.route(rid, ids)
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
         self._handles[rid] = send
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.limits.eos_token_ids)
-        await self.detokenizer.send(RegisterRequest(rid, ids, params))
-        await self.scheduler.send(
+        await self.detokenizer.send(RegisterRequest(rid, ids, params, replica))
+        await self.router.scheduler(replica).send(
             SubmitRequest(rid, ids, params, max_new, sorted(stop_ids), time.monotonic(), priority)
         )
-        return RequestHandle(rid, ids, params, receive)
+        return RequestHandle(rid, ids, params, receive, replica=replica)
 
     async def abort(self, rid: str) -> None:
-        if rid in self._handles:
-            await self.scheduler.send(AbortRequest(rid, AbortReason.CLIENT))
+        replica = self.router.owner(rid)
+        if rid in self._handles and replica is not None:
+            await self.router.scheduler(replica).send(AbortRequest(rid, AbortReason.CLIENT))
 
     def _params(self, sampling_params: SamplingParams | dict[str, Any] | None) -> SamplingParams:
         if sampling_params is None:
@@ -127,6 +139,13 @@ class Ingress:
         else:
             raise InvalidRequestError("sampling_params", "must be a SamplingParams or a dict")
         return params.validate(self.limits.vocab_size)
+
+    async def _prepare_grammar(self, params: SamplingParams) -> None:
+        if (constraint := params.constraint) is None:
+            return
+        if self.grammars is None:
+            raise InvalidRequestError(constraint[0], "constrained decoding is not available in this engine")
+        await self.grammars.prepare(params)
 
     async def _tokenize(
         self, prompt: str | None, input_ids: Sequence[int] | None, messages: list[dict[str, Any]] | None
@@ -190,6 +209,8 @@ class Ingress:
                             self._route(out)
                     case EngineFailed():
                         self.fail_all(msg.message)
+                    case ReplicaFailed():
+                        self._fail_replica(msg.replica, msg.message)
                     case _:
                         assert_never(msg)
         except MailboxClosed:
@@ -206,14 +227,29 @@ class Ingress:
         if out.finish_reason is not None:
             del self._handles[out.rid]
             send.close()
+            self.router.finished(out.rid)
 
     def fail_all(self, message: str) -> None:
         """Every open request ends with an error: nothing may wait forever on a dead engine."""
         self.dead = message
-        for rid, send in list(self._handles.items()):
+        self._fail(list(self._handles), message)
+
+    def _fail_replica(self, replica: int, message: str) -> None:
+        """A replica's workers died: its requests end with an error; new ones go to the live replicas."""
+        rids = self.router.mark_dead(replica)
+        if self.router.all_dead:
+            self.fail_all(message)
+        else:
+            self._fail(rids, message)
+
+    def _fail(self, rids: list[str], message: str) -> None:
+        for rid in rids:
+            send = self._handles.pop(rid, None)
+            self.router.finished(rid)
+            if send is None:
+                continue
             try:
                 send.send_nowait(RequestOutput(rid, "", [], error=message))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             send.close()
-        self._handles.clear()

@@ -54,6 +54,16 @@ class KVManager:
         req.slots = match.slots.tolist()
         req.prefix_len = req.planned_len = len(req.slots)
 
+    def truncate(self, req: Req, length: int) -> None:
+        """Free the request's private slots past `length` (jump-forward replaced those tokens); no issued step
+        may still touch them. Mutates req.slots / planned_len."""
+        assert req.inflight == 0 and req.prefix_len <= length <= req.planned_len == len(req.slots)
+        dropped = req.slots[length:]
+        del req.slots[length:]
+        req.planned_len = length
+        self.private_slots -= len(dropped)
+        self.allocator.free(np.asarray(dropped, dtype=np.int32))
+
     def prefix_match_len(self, tokens: list[int]) -> int:
         if not self.cache_enabled:
             return 0

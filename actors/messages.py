@@ -93,6 +93,15 @@ class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_output_ids: int = 0  # how many of penalty_ids' last tokens are earlier output (after a retraction)
 
 
+class AppendedTokens(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """Jump-forward changed row `req_row`'s output on the host: `removed` (re-tokenized, int32) leave it and
+    `added` (int32) join it. Only for requests with penalties, whose counts must see it."""
+
+    req_row: int
+    added: bytes
+    removed: bytes = b""
+
+
 class StepPlan(_Msg):
     """One forward step. Row b extends request row req_rows[b] by extend_lens[b] tokens (see forward_batch).
 
@@ -114,6 +123,11 @@ class StepPlan(_Msg):
     released_rows: list[int] = []  # rows whose requests left; the worker drops their sampler state
     # Rows that want prompt logprobs: (plan row, top_k, token after the chunk or -1 at the prompt's end).
     prompt_logprob_rows: list[tuple[int, int, int]] = []
+    # Constrained decoding: the sampling rows whose logits are masked (plan rows, int32 [G]) and their token
+    # bitmasks (int32 [G, ceil(vocab / 32)], xgrammar's layout: bit j of word w allows token 32 w + j).
+    grammar_rows: bytes = b""
+    grammar_bitmask: bytes = b""
+    appended_tokens: list[AppendedTokens] = []  # applied before this step samples
 
 
 class InitWorker(_Msg):
@@ -123,7 +137,7 @@ class InitWorker(_Msg):
     tp_size: int
     model_path: str | None
     dtype: str  # resolved: float32, float16 or bfloat16
-    device: str  # resolved: cpu or cuda
+    device: str  # resolved: cpu or cuda:N (this rank's GPU)
     context_length: int
     max_rows: int
     max_total_tokens: int | None
@@ -133,6 +147,9 @@ class InitWorker(_Msg):
     random_seed: int | None = None
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
+    load_format: str = "auto"
+    # torch.distributed rendezvous of the tensor-parallel group (tp_size > 1): file://... or tcp://host:port.
+    dist_init_method: str = ""
 
 
 class Shutdown(_Msg):
@@ -157,7 +174,13 @@ class WorkerFailed(_Msg):
     message: str
 
 
-WorkerOutbox = WorkerReady | StepResult | WorkerFailed
+class WorkerHello(_Msg):
+    """The first frame of a worker that connected over TCP (another node): which rank it is."""
+
+    rank: int
+
+
+WorkerOutbox = WorkerReady | StepResult | WorkerFailed | WorkerHello
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +194,7 @@ class RegisterRequest(_Msg):
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    replica: int = 0  # the data-parallel replica serving it (where a stop-string abort goes)
 
 
 class RequestUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -222,4 +246,11 @@ class EngineFailed(_Msg):
     message: str
 
 
-IngressInbox = OutputBatch | EngineFailed
+class ReplicaFailed(_Msg):
+    """One data-parallel replica's workers died: its requests fail, new ones go to the live replicas."""
+
+    replica: int
+    message: str
+
+
+IngressInbox = OutputBatch | EngineFailed | ReplicaFailed

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from radixserve.actors.cuda_graph_runner import CudaGraphRunner
-from radixserve.actors.messages import NewRequest, PromptLogprobs, StepPlan, StepResult
+from radixserve.actors.messages import AppendedTokens, NewRequest, PromptLogprobs, StepPlan, StepResult
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
 from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch, ForwardBatch
+from radixserve.ops.penalties import to_device
 from radixserve.ops.sampler import SampleOutput, Sampler, token_logprobs
 
 
@@ -80,7 +81,9 @@ class ModelRunner:
         # gather their inputs from here, on the device.
         self.last_tokens = torch.zeros(1, dtype=torch.int64, device=device)
 
-    def _start_requests(self, new: list[NewRequest], released: list[int]) -> None:
+    def _start_requests(
+        self, new: list[NewRequest], released: list[int], appended: list[AppendedTokens]
+    ) -> None:
         for row in released:
             self.sampler.remove_request(row)
         for req in new:
@@ -92,10 +95,26 @@ class ModelRunner:
             ids = _arr(req.penalty_ids, "<i4").tolist()
             split = len(ids) - req.num_output_ids
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
+        for a in appended:
+            self.sampler.remove_tokens(a.req_row, _arr(a.removed, "<i4").tolist())
+            self.sampler.append_tokens(a.req_row, _arr(a.added, "<i4").tolist())
+
+    def _token_bitmask(
+        self, plan: StepPlan, sample_rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The grammar-constrained rows (among the sampled rows) and their bitmasks, on the device."""
+        if not plan.grammar_rows:
+            return None
+        rows = np.searchsorted(sample_rows, _arr(plan.grammar_rows, "<i4"))
+        words = _arr(plan.grammar_bitmask, "<i4").reshape(len(rows), -1)
+        # A copy from pageable memory would make the host wait for the device: stage it in pinned memory.
+        host = torch.empty(words.shape, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        host.numpy()[:] = words
+        return to_device(rows.tolist(), torch.int64, self.device), host.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> PendingStep:
-        self._start_requests(plan.new_requests, plan.released_rows)
+        self._start_requests(plan.new_requests, plan.released_rows, plan.appended_tokens)
         req_rows = _arr(plan.req_rows, "<i4")
         seq_lens = _arr(plan.seq_lens, "<i4")
         extend_lens = _arr(plan.extend_lens, "<i4")
@@ -140,7 +159,9 @@ class ModelRunner:
         out = None
         if logits is not None and len(sample_rows):
             output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
-            out = self.sampler.sample(logits, req_rows[sample_rows].tolist(), output_lens)
+            out = self.sampler.sample(
+                logits, req_rows[sample_rows].tolist(), output_lens, self._token_bitmask(plan, sample_rows)
+            )
             if len(sample_rows) == B:
                 tokens = out.tokens
             else:

@@ -23,6 +23,7 @@ from radixserve.outputs import FinishReason, TokenLogprob
 from radixserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from radixserve.actors.grammar import GrammarState
     from radixserve.memory.radix_tree import TreeNode
 
 
@@ -37,7 +38,7 @@ class Req:
         "rid", "params", "max_new_tokens", "stop_ids", "prompt_ids", "output_ids", "arrival_time",
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
-        "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint",
+        "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error",
     )
 
     def __init__(
@@ -76,6 +77,8 @@ class Req:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after it
         self.output_logprobs: list[TokenLogprob] = []  # computed, not yet reported
         self.prefix_hint = 0  # prefix match length seen by the last lpm ordering
+        self.grammar: GrammarState | None = None  # the matcher of a constrained request
+        self.error: str | None = None  # why it failed (finish_reason ABORT)
 
     @property
     def num_tokens(self) -> int:

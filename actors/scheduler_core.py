@@ -4,6 +4,16 @@ One step spends a token budget: one token for each decoding request, then prompt
 newly admitted requests ("computed tokens catch up with tokens": a decode is an extend of length 1).
 Overlap: `schedule()` may issue step N+1 while step N is in flight; a row that needs the token step N samples
 refers to it by row (`prev_rows`), and slots are released only once no issued step can touch them.
+
+Constrained decoding (actors/grammar.py): each sampling row of a constrained request carries its grammar's
+token bitmask, computed when the plan is built; its sampled token is accepted by its matcher when the result
+is applied, and text the grammar then forces is appended at once (jump-forward), computed as an extend chunk.
+NOTE: a constrained request's next mask depends on the token its last step samples, so it is never planned
+while that sample is in flight (no `prev_rows` for it); and no constrained request is planned (or admitted)
+while any constrained sample is in flight, so that they all share one step instead of splitting into groups
+that alternate at half the batch size. Under overlap, constrained requests therefore run every other step
+while unconstrained ones keep the pipeline full; when only constrained requests run, the scheduler waits for
+each result (no overlap: the host's turnaround sits between steps).
 """
 
 from __future__ import annotations
@@ -13,9 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.kv_manager import KVManager
 from radixserve.actors.messages import (
     AbortReason,
+    AppendedTokens,
     NewRequest,
     PromptLogprobs,
     RequestUpdate,
@@ -41,6 +53,11 @@ class SchedulerConfig:
     new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    disable_jump_forward: bool = False
+    # Jump-forward re-tokenizes the forced text together with up to this many of the last output tokens
+    # (`: ` forced, then ` ` `true` sampled: ` true`); a constrained request's stream holds back window - 1
+    # tokens, which may still be replaced.
+    jump_forward_window: int = 2
 
 
 @dataclass(slots=True)
@@ -53,8 +70,13 @@ class _IssuedStep:
 
 
 class SchedulerCore:
-    def __init__(self, cfg: SchedulerConfig) -> None:
+    def __init__(self, cfg: SchedulerConfig, grammars: GrammarCache | None = None) -> None:
         self.cfg = cfg
+        self.grammars = grammars
+        # Per step: the bitmasks of the constrained sampling rows; per row: jump-forward output edits of
+        # requests with penalties, sent with the next plan.
+        self._bitmask = np.zeros((0, 0), dtype=np.int32)
+        self._appended: dict[int, list[AppendedTokens]] = {}
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
         self.reqs: dict[str, Req] = {}
         self.waiting: list[Req] = []
@@ -68,6 +90,10 @@ class SchedulerCore:
         self.num_retractions = 0
         self.num_prefill_tokens = 0
         self.num_forward_steps = 0
+        self.num_prompt_tokens = 0  # prompts admitted (first admission only) ...
+        self.num_cached_prompt_tokens = 0  # ... and how much of them the radix tree already held
+        self.num_jump_forward_tokens = 0  # output tokens appended by jump-forward (net of re-tokenization)
+        self.num_grammar_rejections = 0  # sampled tokens a matcher refused (only a -inf logit_bias can)
 
     # ------------------------------------------------------------------------------------------ inputs
 
@@ -75,6 +101,10 @@ class SchedulerCore:
         stop_ids = frozenset(msg.eos_token_ids)
         req = Req(msg.rid, list(msg.input_ids), msg.params, msg.max_new_tokens, stop_ids, msg.arrival_time,
                   msg.priority)
+        if msg.params.constraint is not None:
+            assert self.grammars is not None, "a constrained request reached a scheduler without grammars"
+            req.grammar = self.grammars.new_state(msg.params)
+            self._jump_forward(req, reserve=1)  # text forced from the start joins the prompt's extend
         self.reqs[req.rid] = req
         self.waiting.append(req)
 
@@ -140,23 +170,32 @@ class SchedulerCore:
         rows: list[tuple[Req, int]] = [(req, 1) for req in decode[: min(budget, self.kv.available)]]
         budget -= len(rows)
         prefill_budget = min(budget, self.cfg.max_prefill_tokens)
+        used = len(rows)  # slots taken so far
         for req in extend:
             if prefill_budget <= 0:
                 break
-            n = min(req.num_tokens - req.planned_len, prefill_budget, self.kv.available - len(rows))
+            n = min(req.num_tokens - req.planned_len, prefill_budget, self.kv.available - used)
             if n <= 0:
                 break
             rows.append((req, n))
             prefill_budget -= n
+            used += n
         self._admit(rows, prefill_budget)
         return rows
+
+    def _grammar_in_flight(self) -> bool:
+        """A constrained request's sample is in flight: constrained requests wait (module docstring)."""
+        return any(r.grammar is not None and r.pending_step >= 0 and not r.finished for r in self.running)
 
     def _runnable(self, last_step: int) -> tuple[list[Req], list[Req]]:
         decode: list[Req] = []
         extend: list[Req] = []
+        grammar_wait = self._grammar_in_flight()
         for req in self.running:
             if req.finished or (req.pending_step >= 0 and req.pending_step != last_step):
                 continue
+            if req.grammar is not None and grammar_wait:
+                continue  # its mask may depend on a sample in flight (module docstring)
             remaining = req.num_tokens - req.planned_len
             if remaining <= 0:
                 continue
@@ -173,9 +212,12 @@ class SchedulerCore:
             for r in self.running
             if not r.finished
         ) + sum(n for _, n in rows)
+        grammar_wait = self._grammar_in_flight()
         for req in order_waiting(self.cfg.schedule_policy, self.waiting, self.kv.prefix_match_len):
             if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
                 break
+            if req.grammar is not None and grammar_wait:
+                continue
             self.kv.match_and_lock(req)
             need = (req.num_tokens - req.planned_len) + int(req.remaining_new_tokens * self.new_token_ratio)
             if self.kv.available - reserved < min(need, self.kv.total_slots - reserved) or (
@@ -192,6 +234,8 @@ class SchedulerCore:
             req.row = self._free_rows.pop()
             if not req.admitted_once:
                 req.cached_tokens = req.prefix_len
+                self.num_prompt_tokens += len(req.prompt_ids)
+                self.num_cached_prompt_tokens += req.prefix_len
                 req.admitted_once = True
                 if req.params.prompt_logprobs is not None:
                     req.prompt_logprobs = [None]
@@ -209,6 +253,7 @@ class SchedulerCore:
         new_requests: list[NewRequest] = []
         record = _IssuedStep(step, [], [], [])
         prompt_lp: list[tuple[int, int, int]] = []
+        constrained: list[tuple[int, Req]] = []
         for b, (req, n) in enumerate(rows):
             slots = self.kv.alloc(n)
             assert slots is not None, "scheduler planned more slots than are available"
@@ -243,10 +288,14 @@ class SchedulerCore:
             record.prompt_done.append(done)
             if sample and req.params.logprobs is not None:
                 record.logprob_rows.append(b)
+            if sample and req.grammar is not None:
+                constrained.append((b, req))
             self.num_prefill_tokens += n if n > 1 or prev_rows[-1] < 0 else 0
         self._issued.append(record)
         self.num_forward_steps += 1
         released, self._released_rows = self._released_rows, []
+        appended = [a for edits in self._appended.values() for a in edits]
+        self._appended.clear()
         return StepPlan(
             step=step,
             req_rows=_i32(req_rows),
@@ -260,7 +309,22 @@ class SchedulerCore:
             new_requests=new_requests,
             released_rows=released,
             prompt_logprob_rows=prompt_lp,
+            grammar_rows=_i32([b for b, _ in constrained]) if constrained else b"",
+            grammar_bitmask=self._fill_bitmasks([req for _, req in constrained]),
+            appended_tokens=appended,
         )
+
+    def _fill_bitmasks(self, reqs: list[Req]) -> bytes:
+        if not reqs:
+            return b""
+        assert self.grammars is not None
+        if self._bitmask.shape[0] < len(reqs):
+            rows = max(len(reqs), 2 * self._bitmask.shape[0])
+            self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
+        for g, req in enumerate(reqs):
+            assert req.grammar is not None
+            req.grammar.fill_bitmask(self._bitmask, g)
+        return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
 
     def _new_request(self, req: Req) -> NewRequest:
         penalty_ids = b""
@@ -290,14 +354,19 @@ class SchedulerCore:
             if record.sampled[b]:
                 token = int(tokens[b])
                 req.output_ids.append(token)
-                req.pending_step = req.pending_row = -1
+                if req.pending_step == record.step:  # not when the next step already re-armed it
+                    req.pending_step = req.pending_row = -1
                 if not req.finished:
                     if b in logprobs:
                         req.output_logprobs.append(logprobs[b])
-                    if token in req.stop_ids:
+                    if req.grammar is not None and not req.grammar.accept(token):
+                        self._grammar_rejected(req, token)
+                    elif token in req.stop_ids or (req.grammar is not None and req.grammar.terminated):
                         req.finish(FinishReason.STOP, token)
                     elif len(req.output_ids) >= req.max_new_tokens:
                         req.finish(FinishReason.LENGTH)
+                    elif req.grammar is not None and not req.grammar.last_was_forced:
+                        self._jump_forward(req)
                     touched.append(req)
             elif record.prompt_done[b] and req.max_new_tokens == 0 and not req.finished:
                 req.finish(FinishReason.LENGTH)
@@ -307,10 +376,60 @@ class SchedulerCore:
         self.new_token_ratio = max(self.cfg.min_new_token_ratio, self.new_token_ratio - self.cfg.new_token_ratio_decay)
         return [self._update(req) for req in touched]
 
+    # ------------------------------------------------------------------------------------------ grammars
+
+    def _jump_forward(self, req: Req, reserve: int = 0) -> None:
+        """After the model chose a token: append the text `req`'s grammar now forces (GrammarState.
+        jump_forward); the next plan computes it as an extend chunk. Re-tokenized tail tokens whose KV was
+        computed give their slots back. With --disable-jump-forward the same tokens are decoded one per step.
+
+        NOTE: forced text gets the tokenizer's tokens either way. Left to pick under the mask, a model spells
+        forced keys in odd pieces ("h" "os" "t" "n" "am" "e" for "hostname") and derails; with the same
+        tokens, jump-forward changes only the number of forward passes, not the output. `reserve`: output
+        tokens to leave to the model.
+        """
+        assert req.grammar is not None and req.inflight == 0 and req.pending_step < 0
+        # The tail: output tokens not streamed yet (what was streamed is never rewritten), within the window,
+        # and past the cached prefix (the radix tree owns those slots).
+        first = max(req.num_reported, len(req.output_ids) - self.cfg.jump_forward_window,
+                    req.prefix_len - len(req.prompt_ids), 0)
+        logprobs = req.params.logprobs is not None
+        if logprobs:
+            first = len(req.output_ids)  # a sampled token keeps its logprob: never re-tokenized
+        jump = req.grammar.jump_forward(req.output_ids[first:], req.max_new_tokens - reserve - first)
+        if jump is None:
+            return
+        keep = first + jump.num_kept
+        removed = req.output_ids[keep:]
+        if self.cfg.disable_jump_forward or logprobs:  # forced tokens need their logprobs computed too
+            # A replaced sample is replaced at once (it was never computed); the rest one per step.
+            appended = jump.tokens[:1] if removed else []
+            req.grammar.force(jump.tokens[len(appended):])
+        else:
+            appended = jump.tokens
+            self.num_jump_forward_tokens += len(appended) - len(removed)
+        req.output_ids[keep:] = appended
+        if req.planned_len > len(req.prompt_ids) + keep:
+            self.kv.truncate(req, len(req.prompt_ids) + keep)
+        if req.params.needs_penalties and req.row >= 0 and (appended or removed):
+            edit = AppendedTokens(req.row, _i32(appended), _i32(removed))
+            self._appended.setdefault(req.row, []).append(edit)
+        if len(req.output_ids) >= req.max_new_tokens:
+            req.finish(FinishReason.LENGTH)
+
+    def _grammar_rejected(self, req: Req, token: int) -> None:
+        """The mask allowed no token (a -inf logit_bias on all the grammar allows): fail this request only."""
+        self.num_grammar_rejections += 1
+        req.output_ids.pop()  # never computed: it was this step's sample
+        req.error = f"the grammar allows no token here that logit_bias leaves possible (sampled {token})"
+        req.finish(FinishReason.ABORT)
+
     # ------------------------------------------------------------------------------------------ internals
 
     def _update(self, req: Req) -> RequestUpdate:
         end = req.num_final_outputs if req.finished else len(req.output_ids)
+        if req.grammar is not None and not req.finished and req.params.logprobs is None:
+            end = max(req.num_reported, end - (self.cfg.jump_forward_window - 1))  # may still be re-tokenized
         new = req.output_ids[req.num_reported : end]
         first = req.num_reported == 0
         req.num_reported = end
@@ -330,6 +449,7 @@ class SchedulerCore:
             matched_stop=req.matched_stop,
             cached_tokens=req.cached_tokens,
             prompt_logprobs=prompt_lps,
+            error=req.error,
         )
 
     def _release(self, req: Req) -> None:
@@ -337,6 +457,7 @@ class SchedulerCore:
         self.running.remove(req)
         self._free_rows.append(req.row)
         self._released_rows.append(req.row)
+        self._appended.pop(req.row, None)  # a new NewRequest carries the whole output
         req.row = -1
         req.status = ReqStatus.FINISHED
 

@@ -59,11 +59,13 @@ class PenaltyState:
         if output_ids:
             self.add_output(key, output_ids)
 
-    def add_output(self, key: int, output_ids: Sequence[int]) -> None:
-        """Count output tokens that did not come through `record` (a resumed request, jump-forward)."""
+    def add_output(self, key: int, output_ids: Sequence[int], weight: float = 1.0) -> None:
+        """Count output tokens that did not come through `record` (a resumed request, jump-forward); a weight
+        of -1 uncounts tokens that jump-forward re-tokenized away."""
         assert max(output_ids, default=0) < self.vocab_size
         ids = to_device(output_ids, torch.int64, self.device)
-        self.counts[self._slot_of[key]].index_add_(0, ids, torch.ones(len(output_ids), device=self.device))
+        ones = torch.full((len(output_ids),), weight, device=self.device)
+        self.counts[self._slot_of[key]].index_add_(0, ids, ones)
 
     def remove(self, key: int) -> None:
         # The slot's rows are zeroed by the next `add`, in stream order after every step that read them.

@@ -8,6 +8,7 @@ the decode batch stays the same.
 Order of operations on each row (logits are the first `vocab_size` columns; padding columns are never seen):
 
     raw logits --(logprobs, top logprobs taken here)
+      -> grammar bitmask (constrained rows: tokens the grammar disallows = -inf)
       -> logit_bias -> min_new_tokens (EOS + stop_token_ids = -inf) -> repetition / frequency / presence
       -> greedy rows: argmax
       -> sampled rows: / temperature -> softmax -> top-k -> top-p -> min-p -> exponential race
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from radixserve.ops.penalties import PenaltyState, apply_penalties, to_device
+from radixserve.ops.token_bitmask import apply_token_bitmask
 from radixserve.sampling_params import SamplingParams
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -130,10 +132,23 @@ class Sampler:
         if token_ids and key in self._penalties:
             self._penalties.add_output(key, token_ids)
 
-    def sample(self, logits: Tensor, keys: Sequence[int], output_lens: Sequence[int]) -> SampleOutput:
+    def remove_tokens(self, key: int, token_ids: Sequence[int]) -> None:
+        """Uncount output tokens the host replaced (jump-forward re-tokenization) in `key`'s penalty state."""
+        if token_ids and key in self._penalties:
+            self._penalties.add_output(key, token_ids, -1.0)
+
+    def sample(
+        self,
+        logits: Tensor,
+        keys: Sequence[int],
+        output_lens: Sequence[int],
+        token_bitmask: tuple[Tensor, Tensor] | None = None,
+    ) -> SampleOutput:
         """Pick one token per row of `logits` [B, V'] (V' >= vocab_size); order: module docstring.
 
-        `output_lens[b]`: tokens request `keys[b]` generated before this one. Overwrites `logits` in place.
+        `output_lens[b]`: tokens request `keys[b]` generated before this one. `token_bitmask`: (rows [G],
+        bitmasks [G, ceil(V / 32)] int32) of the grammar-constrained rows, on the device. Overwrites `logits`
+        in place.
         """
         B = len(keys)
         assert logits.dim() == 2 and logits.shape[0] == B == len(output_lens), (logits.shape, B)
@@ -144,6 +159,8 @@ class Sampler:
         plan = self._plan(keys)
 
         raw_logprobs = torch.log_softmax(logits, dim=-1) if plan.logprob_k is not None else None
+        if token_bitmask is not None:
+            apply_token_bitmask(logits, *token_bitmask)
         if plan.bias is not None:
             logits.index_put_(plan.bias[:2], plan.bias[2], accumulate=True)
         self._mask_early_stops(logits, plan, output_lens)

@@ -55,8 +55,11 @@ async def create_chat_completion(request: Request) -> Response:
         messages = [_message(i, m) for i, m in enumerate(req.messages)]
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = to_sampling_params(
-            req, max_new_tokens=max_new, logprobs=(req.top_logprobs or 0) if req.logprobs else None
+            req, max_new_tokens=max_new, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            response_format=req.response_format,
         )
+        if req.response_format is not None and req.json_schema is None:
+            rename.update(json_schema="response_format", json_object="response_format")
         group = await RequestGroup.open(
             state.engine, new_id("chatcmpl"), state.groups, [Prompt(messages=messages)], [params], req.n
         )
@@ -71,13 +74,6 @@ async def create_chat_completion(request: Request) -> Response:
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(
-            400,
-            f"response_format: {req.response_format.type!r} needs constrained decoding, which "
-            "is not built yet",
-            param="response_format",
-        )
     if req.tools:
         raise ApiError(400, "tools: tool calling is not supported", param="tools")
     if req.tool_choice not in (None, "none", "auto"):

@@ -3,14 +3,16 @@ usage over the choices."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixserve.actors.messages import RequestOutput
 from radixserve.outputs import TokenLogprob
 from radixserve.sampling_params import SamplingParams
 from radixserve.server.errors import ApiError
 from radixserve.server.fanout import Member, RequestGroup
-from radixserve.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from radixserve.server.protocol import PromptTokensDetails, ResponseFormat, SamplingFields, UsageInfo
 
 
 def check_common(req: SamplingFields) -> None:
@@ -25,6 +27,7 @@ def to_sampling_params(
     max_new_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> SamplingParams:
     """The engine's parameters for one sample; the engine validates them again against the vocabulary."""
     return SamplingParams(
@@ -46,7 +49,30 @@ def to_sampling_params(
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        **constraint_fields(req, response_format),
     )
+
+
+def constraint_fields(req: SamplingFields, response_format: ResponseFormat | None) -> dict[str, Any]:
+    """The extras regex / ebnf / json_schema and OpenAI's response_format as SamplingParams fields (the engine
+    refuses more than one). json_schema's `strict` is accepted: the schema is always enforced."""
+    schema = req.json_schema
+    fields: dict[str, Any] = {
+        "regex": req.regex,
+        "ebnf": req.ebnf,
+        "json_schema": json.dumps(schema) if isinstance(schema, dict) else schema,
+    }
+    if response_format is None or response_format.type == "text":
+        return fields
+    spec = response_format.json_schema
+    if response_format.type == "json_object" or (isinstance(spec, dict) and "schema" not in spec):
+        return {**fields, "json_object": True}
+    if not isinstance(spec, dict) or not isinstance(spec["schema"], dict):
+        raise ApiError(400, "response_format.json_schema: must be an object with a `schema` object",
+                       param="response_format.json_schema")
+    if schema is not None:
+        raise ApiError(400, "json_schema: give it or response_format, not both", param="json_schema")
+    return {**fields, "json_schema": json.dumps(spec["schema"])}
 
 
 @dataclass(slots=True)

@@ -1,10 +1,10 @@
 """OpenAI request and response bodies as msgspec Structs: one pass decodes and validates a request.
 
 Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument"); every field OpenAI's own
-clients send is declared. Fields OpenAI has and radixserve has not built (suffix, tools, JSON response
-formats) are declared too, so that the route can refuse them by name instead of ignoring them. Ranges are
-`Meta` constraints: a value out of range fails the decode with the field in the message. The sampling
-extensions (top_k, min_p, repetition_penalty, ...) are SGLang's and vLLM's.
+clients send is declared. Fields OpenAI has and radixserve has not built (suffix, tools) are declared too,
+so that the route can refuse them by name instead of ignoring them. Ranges are `Meta` constraints: a value
+out of range fails the decode with the field in the message. The sampling extensions (top_k, min_p,
+repetition_penalty, ..., and the constrained-decoding regex / ebnf / json_schema) are SGLang's and vLLM's.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ class SamplingFields(_Request, kw_only=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Constrained decoding (SGLang's extensions; chat also takes OpenAI's response_format): at most one.
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

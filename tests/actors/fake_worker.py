@@ -4,6 +4,10 @@ Each KV slot records (token, position) when written. Before "sampling", every ro
 through req_to_token and must be exactly the request's tokens at positions 0..seq_len-1, so any slot the
 scheduler mixes up, frees early or shares wrongly shows up. The next token is a deterministic function of the
 context, so outputs must equal `reference_generate` whatever the batching, caching or retraction.
+
+Grammar-constrained rows take the first token their bitmask allows, scanning up from that function's choice.
+The worker keeps each sampling row's context of the last step (`contexts`) and, for requests with penalties,
+the output tokens its penalty counts would hold (`penalty_outputs` by row, then `released_penalty_outputs`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ def next_token(context: list[int]) -> int:
     for i, t in enumerate(context):
         h = (h * 31 + (i + 1) * (t + 7)) % 1_000_003
     return h % VOCAB
+
+
+def first_allowed(token: int, bitmask: np.ndarray) -> int:
+    """The first token from `token` on (cyclically) that the packed bitmask allows."""
+    for i in range(VOCAB):
+        candidate = (token + i) % VOCAB
+        if (int(bitmask[candidate // 32]) >> (candidate % 32)) & 1:
+            return candidate
+    raise AssertionError("the grammar mask allows no token")
 
 
 def reference_generate(prompt: list[int], max_new: int, stop_ids: set[int]) -> list[int]:
@@ -42,15 +55,32 @@ class FakeWorker:
         self.num_slots = num_slots
         self.rows_live: set[int] = set()
         self.tokens_computed = 0
+        self.contexts: dict[int, list[int]] = {}
+        self.penalty_outputs: dict[int, list[int]] = {}
+        self.released_penalty_outputs: list[list[int]] = []
 
     def step(self, plan: StepPlan) -> StepResult:
         for row in plan.released_rows:
             self.rows_live.discard(row)
+            if row in self.penalty_outputs:
+                self.released_penalty_outputs.append(self.penalty_outputs.pop(row))
         for req in plan.new_requests:
             assert req.req_row not in self.rows_live, "row reused before it was released"
             self.rows_live.add(req.req_row)
             prefix = np.frombuffer(req.prefix_slots, dtype="<i4")
             self.table[req.req_row, : len(prefix)] = prefix
+            if req.params.needs_penalties:
+                ids = np.frombuffer(req.penalty_ids, dtype="<i4").tolist()
+                self.penalty_outputs[req.req_row] = ids[len(ids) - req.num_output_ids :]
+        for edit in plan.appended_tokens:
+            outputs = self.penalty_outputs[edit.req_row]
+            for token in np.frombuffer(edit.removed, dtype="<i4").tolist():
+                outputs.remove(token)
+            outputs.extend(np.frombuffer(edit.added, dtype="<i4").tolist())
+        grammar_rows = np.frombuffer(plan.grammar_rows, dtype="<i4").tolist()
+        bitmasks = np.frombuffer(plan.grammar_bitmask, dtype="<i4").reshape(len(grammar_rows), VOCAB // 32)
+        masks = dict(zip(grammar_rows, bitmasks, strict=True))
+        self.contexts = {}
         req_rows = np.frombuffer(plan.req_rows, dtype="<i4")
         seq_lens = np.frombuffer(plan.seq_lens, dtype="<i4")
         ext = np.frombuffer(plan.extend_lens, dtype="<i4")
@@ -80,6 +110,11 @@ class FakeWorker:
                 context.append(token)
             if sample[b]:
                 tokens[b] = next_token(context)
+                if b in masks:
+                    tokens[b] = first_allowed(int(tokens[b]), masks[b])
+                self.contexts[b] = context
+                if row in self.penalty_outputs:
+                    self.penalty_outputs[row].append(int(tokens[b]))
             t += n
         self.tokens_computed += t
         self.last_tokens = tokens

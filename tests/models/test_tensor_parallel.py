@@ -6,6 +6,7 @@ single KV head (replicated on both ranks) and an odd vocabulary (the last vocab 
 
 from __future__ import annotations
 
+import importlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -125,7 +126,10 @@ def test_tp2_logits_equal_tp1(tmp_path: Path) -> None:
     checkpoints = [random_checkpoint(c, seed=i) for i, c in enumerate(CONFIGS)]
     expected = [run_script(c, ckpt, TPGroup()) for c, ckpt in zip(CONFIGS, checkpoints, strict=True)]
 
-    mp.spawn(_rank_main, args=(str(tmp_path), checkpoints), nprocs=TP, join=True)
+    # Spawned children unpickle the function by module name: use the one importable from the repo root
+    # (pytest's importlib mode registers this file under another name).
+    rank_main = importlib.import_module("tests.models.test_tensor_parallel")._rank_main
+    mp.spawn(rank_main, args=(str(tmp_path), checkpoints), nprocs=TP, join=True)
 
     for rank in range(TP):
         got = torch.load(tmp_path / f"logits_rank{rank}.pt")

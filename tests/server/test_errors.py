@@ -135,9 +135,13 @@ CHAT_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (
-        {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+        },
         "response_format",
     ),
+    ({"messages": [{"role": "user", "content": "Hi"}], "regex": "[a-"}, "regex"),
     ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}, "tools"),
 ]
 
