@@ -58,6 +58,8 @@ class TorchAttentionBackend:
 
         max_len = max(batch.seq_lens_cpu, default=0)
         tables = batch.req_to_token[:, :max_len].index_select(0, batch.req_rows)  # [B, max_len] slot ids
+        if batch.is_decode and batch.num_rows > 1:
+            return self._decode_batched(q, k_buf, v_buf, tables, scale, batch)
         out = torch.empty_like(q)
         start = 0
         for r, (seq_len, extend_len) in enumerate(
@@ -79,6 +81,28 @@ class TorchAttentionBackend:
             out[start:end] = o.transpose(0, 1)
             start = end
         return out
+
+
+    @staticmethod
+    def _decode_batched(
+        q: torch.Tensor,  # [B, q_heads, d]
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        tables: torch.Tensor,  # [B, max_len]
+        scale: float,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """All decode rows in one SDPA call over their KV padded to the longest row (padding masked out)."""
+        max_len = tables.shape[1]
+        slots = tables.long()
+        k = k_buf[slots].to(q.dtype).transpose(1, 2)  # [B, kv_heads, max_len, d]
+        v = v_buf[slots].to(q.dtype).transpose(1, 2)
+        lens = torch.tensor(batch.seq_lens_cpu, device=q.device)
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, max_len]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+        )  # [B, q_heads, 1, d]
+        return o.squeeze(2)
 
 
 def _prefix_causal_mask(prefix_len: int, extend_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
