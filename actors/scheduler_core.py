@@ -25,11 +25,11 @@ import numpy as np
 
 from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.kv_manager import KVManager
+from radixserve.actors.logprob_records import append_prompt_logprobs, token_logprobs_of_rows
 from radixserve.actors.messages import (
     AbortReason,
     AppendedTokens,
     NewRequest,
-    PromptLogprobs,
     RequestUpdate,
     StepPlan,
     StepResult,
@@ -37,7 +37,7 @@ from radixserve.actors.messages import (
 )
 from radixserve.actors.request_state import Req, ReqStatus
 from radixserve.actors.schedule_policy import order_waiting
-from radixserve.outputs import FinishReason, TokenLogprob
+from radixserve.outputs import FinishReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,13 +344,13 @@ class SchedulerCore:
         record = self._issued.popleft()
         assert record.step == result.step, f"results out of order: got {result.step}, expected {record.step}"
         tokens = np.frombuffer(result.tokens, dtype="<i4")
-        logprobs = _token_logprobs(result, record.logprob_rows)
+        logprobs = token_logprobs_of_rows(result, record.logprob_rows)
         prompt_lps = {p.row: p for p in result.prompt_logprobs}
         touched: list[Req] = []
         for b, req in enumerate(record.reqs):
             req.inflight -= 1
             if b in prompt_lps and req.prompt_logprobs is not None:
-                _append_prompt_logprobs(req.prompt_logprobs, req.prompt_ids, prompt_lps[b])
+                append_prompt_logprobs(req.prompt_logprobs, req.prompt_ids, prompt_lps[b])
             if record.sampled[b]:
                 token = int(tokens[b])
                 req.output_ids.append(token)
@@ -373,7 +373,8 @@ class SchedulerCore:
                 touched.append(req)
             if req.finished and req.inflight == 0 and req.status == ReqStatus.RUNNING:
                 self._release(req)
-        self.new_token_ratio = max(self.cfg.min_new_token_ratio, self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        decayed = self.new_token_ratio - self.cfg.new_token_ratio_decay
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio, decayed)
         return [self._update(req) for req in touched]
 
     # ------------------------------------------------------------------------------------------ grammars
@@ -492,32 +493,3 @@ class SchedulerCore:
 
 def _i32(values: list[int]) -> bytes:
     return np.asarray(values, dtype="<i4").tobytes()
-
-
-def _token_logprobs(result: StepResult, rows: list[int]) -> dict[int, TokenLogprob]:
-    if not rows or not result.logprobs:
-        return {}
-    lps = np.frombuffer(result.logprobs, dtype="<f4")
-    k = result.top_k
-    ids = np.frombuffer(result.top_ids, dtype="<i4").reshape(-1, k) if k else None
-    tops = np.frombuffer(result.top_logprobs, dtype="<f4").reshape(-1, k) if k else None
-    tokens = np.frombuffer(result.tokens, dtype="<i4")
-    out = {}
-    for b in rows:
-        top = None
-        if ids is not None and tops is not None:
-            top = list(zip(ids[b].tolist(), tops[b].tolist(), strict=True))
-        out[b] = TokenLogprob(int(tokens[b]), float(lps[b]), top)
-    return out
-
-
-def _append_prompt_logprobs(out: list[TokenLogprob | None], prompt_ids: list[int], p: PromptLogprobs) -> None:
-    """Entry i of `out` is prompt token i's logprob given tokens before it; chunks arrive in order."""
-    lps = np.frombuffer(p.logprobs, dtype="<f4")
-    ids = np.frombuffer(p.top_ids, dtype="<i4").reshape(len(lps), p.top_k) if p.top_k else None
-    tops = np.frombuffer(p.top_logprobs, dtype="<f4").reshape(len(lps), p.top_k) if p.top_k else None
-    for i in range(len(lps)):
-        top = None
-        if ids is not None and tops is not None:
-            top = list(zip(ids[i].tolist(), tops[i].tolist(), strict=True))
-        out.append(TokenLogprob(prompt_ids[len(out)], float(lps[i]), top))
