@@ -43,6 +43,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, torch on the CPU
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
+    disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no one-shot path)
     enable_torch_compile: bool = False
     quantization: str | None = None
     kv_cache_dtype: str = "auto"

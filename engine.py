@@ -120,6 +120,8 @@ class Engine:
                 attention_backend=cfg.attention_backend, random_seed=seed,
                 disable_cuda_graph=cfg.disable_cuda_graph, cuda_graph_max_bs=cfg.cuda_graph_max_bs,
                 load_format=cfg.load_format,
+                # One-shot all-reduce needs peer access to every rank's memory: one host only.
+                disable_custom_all_reduce=cfg.disable_custom_all_reduce or cfg.nnodes > 1,
             ))
             assert self.ready is not None
             # A lone request must always fit the pool, so that memory pressure can always be resolved.

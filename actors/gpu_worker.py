@@ -42,6 +42,7 @@ from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBacke
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend
 from radixserve.ops.parallel import TPGroup
+from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
 from radixserve.ops.sampler import Sampler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,7 +75,11 @@ def init_tensor_parallel(init: InitWorker, device: torch.device) -> TPGroup:
         "nccl" if cuda else "gloo", init_method=init.dist_init_method, rank=init.rank,
         world_size=init.tp_size, device_id=device if cuda else None,
     )
-    return TPGroup(init.rank, init.tp_size, dist.group.WORLD)
+    group = dist.group.WORLD
+    one_shot = None
+    if cuda and not init.disable_custom_all_reduce:
+        one_shot = make_one_shot_all_reduce(group, device, _DTYPES[init.dtype])
+    return TPGroup(init.rank, init.tp_size, group, one_shot)
 
 
 def local_kv_heads(model: Any) -> int:

@@ -148,6 +148,7 @@ class InitWorker(_Msg):
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
     load_format: str = "auto"
+    disable_custom_all_reduce: bool = False
     # torch.distributed rendezvous of the tensor-parallel group (tp_size > 1): file://... or tcp://host:port.
     dist_init_method: str = ""
 

@@ -1,14 +1,19 @@
 """Tensor parallelism: the rank of this worker among its peers, and the two collectives the model layers need.
 
-Every collective is a no-op at size 1, so a single-GPU (or CPU) model pays nothing for being TP-ready.
+Every collective is a no-op at size 1, so a single-GPU (or CPU) model pays nothing for being TP-ready. On
+GPUs, small all-reduces (decode steps) take the one-shot symmetric-memory path when the group has one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from radixserve.ops.symm_all_reduce import OneShotAllReduce
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +23,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    one_shot: OneShotAllReduce | None = None  # small tensors on GPUs (ops/symm_all_reduce.py); else NCCL/gloo
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -35,6 +41,8 @@ class TPGroup:
         """Sum of x over the ranks (in place when size > 1)."""
         if self.size == 1:
             return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         dist.all_reduce(x, group=self.group)
         return x
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from radixserve.benchmarks import bench_offline, bench_one_batch, gpu_trace, profile_decode
+from radixserve.benchmarks import bench_latency, bench_offline, bench_one_batch, gpu_trace, profile_decode
 from radixserve.benchmarks.datasets import (
     add_dataset_args,
     build_dataset,
@@ -271,6 +271,19 @@ def test_bench_offline_end_to_end(tiny_model: Path, tmp_path: Path, one_thread: 
     assert body["run"]["device"] == "cpu" and body["run"]["git_commit"]
     assert body["run"]["params"]["max_total_tokens"] == 2048 and "bench_offline" in body["run"]["command"]
     assert elapsed < 60, f"the smoke run took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_bench_latency_end_to_end(tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
+    result = bench_latency.main([
+        "--model-path", str(tiny_model), "--input-len", "40", "--output-len", "9", "--repeats", "2",
+        "--max-total-tokens", "1024", "--result-dir", str(tmp_path),
+    ])
+    assert len(result.runs) == 2 and result.decode_tok_s > 0 and result.median_itl_ms > 0
+    assert all(r.ttft_s > 0 and r.p99_itl_ms >= r.median_itl_ms for r in result.runs)
+    (path,) = tmp_path.glob("bench_latency-*.json")
+    body = json.loads(path.read_text())
+    assert body["result"]["input_len"] == 40 and body["run"]["params"]["max_total_tokens"] == 1024
 
 
 @pytest.mark.timeout(60)

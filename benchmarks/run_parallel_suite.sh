@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Multi-GPU runs (tensor and data parallelism) and their one-GPU baselines, stage by stage, on one host.
+#
+#   bash benchmarks/run_parallel_suite.sh STAGE ...
+#
+# stages (each needs the GPUs it names):
+#   allreduce       bench_all_reduce: NCCL vs one-shot, world 2 (and 4)
+#   latency_llama   batch-1 decode at input 1024, Llama-3.1-8B: TP1, TP2, TP2 NCCL-only, TP4
+#   latency_qwen    the same for Qwen2-7B: TP1, TP2, TP4
+#   single          four one-GPU jobs at once, one per card: Llama offline (DP1), Qwen offline (TP1),
+#                   bench_constrained, and the online serving run (100 prompts of random 4096/2048 at 1 req/s)
+#   offline_2gpu    Llama offline DP2 on cards 0,1 and Qwen offline TP2 on cards 2,3, at once
+#   offline_4gpu    Qwen offline TP4, DP4, then TP2 + DP2
+# Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
+# Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
+# under $RUNS, packed into $OUT/results.tgz after every run (the device tool returns few files); logs in $OUT.
+set -uo pipefail
+
+LLAMA=${LLAMA:-.bench-models/llama-3.1-8b}
+QWEN=${QWEN:-.bench-models/qwen2-7b}
+export OUT=${OUT:-bench_results}
+RUNS=${RUNS:-/tmp/runs}
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-$PWD/.fi-cache}
+BENCH="python3 -m radixserve.benchmarks"
+MODEL="--load-format dummy --context-length 8192"
+DATASET="--num-prompts 500 --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0"
+mkdir -p "$OUT" "$RUNS"
+
+pack() { tar czf "$OUT/.r$BASHPID.tgz" -C "$RUNS" . && mv "$OUT/.r$BASHPID.tgz" "$OUT/results.tgz"; }
+# on GPUS, a named job: its output goes to $OUT/NAME.log and the tail to stdout
+job() {
+  local gpus=$1 name=$2; shift 2
+  echo "--- $name (GPUs $gpus) $(date +%T)"
+  CUDA_VISIBLE_DEVICES=$gpus "$@" --result-dir "$RUNS/$name" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 14 "$OUT/$name.log"
+  [ $rc -eq 0 ] || echo "!!! $name failed: rc $rc"
+  pack
+  return $rc
+}
+latency() { local gpus=$1 name=$2 model=$3; shift 3
+  job "$gpus" "$name" $BENCH.bench_latency --model-path "$model" $MODEL --input-len 1024 --output-len 256 \
+    --repeats 3 "$@"; }
+offline() { local gpus=$1 name=$2 model=$3; shift 3
+  job "$gpus" "$name" $BENCH.bench_offline --model-path "$model" $MODEL $DATASET "$@"; }
+
+serving() {  # the online target of the GPU-path issue, on one card
+  local gpu=$1 port=30011
+  CUDA_VISIBLE_DEVICES=$gpu python3 -m radixserve.launch_server --model-path "$LLAMA" $MODEL --port $port \
+    > "$OUT/server.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 300); do
+    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)" \
+      2>/dev/null && break
+    kill -0 $server 2>/dev/null || { tail -30 "$OUT/server.log"; return 1; }
+    sleep 1
+  done
+  job "$gpu" serving_rate1 $BENCH.bench_serving --port $port $DATASET --num-prompts 100 --request-rate 1
+  kill $server; wait $server
+}
+
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    allreduce)
+      job 0,1 allreduce_w2 $BENCH.bench_all_reduce --world-size 2
+      [ "$(nvidia-smi -L | wc -l)" -ge 4 ] && job 0,1,2,3 allreduce_w4 $BENCH.bench_all_reduce --world-size 4 ;;
+    latency_llama)
+      latency 0 llama_tp1 "$LLAMA"
+      latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
+      latency 0,1 llama_tp2_nccl "$LLAMA" --tp-size 2 --disable-custom-all-reduce
+      latency 0,1,2,3 llama_tp4 "$LLAMA" --tp-size 4 ;;
+    latency_qwen)
+      latency 0 qwen_tp1 "$QWEN"
+      latency 0,1 qwen_tp2 "$QWEN" --tp-size 2
+      latency 0,1,2,3 qwen_tp4 "$QWEN" --tp-size 4 ;;
+    single)
+      offline 0 llama_dp1 "$LLAMA" &
+      offline 1 qwen_tp1_offline "$QWEN" &
+      job 2 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL &
+      serving 3 &
+      wait ;;
+    offline_2gpu)
+      offline 0,1 llama_dp2 "$LLAMA" --dp-size 2 &
+      offline 2,3 qwen_tp2_offline "$QWEN" --tp-size 2 &
+      wait ;;
+    offline_4gpu)
+      offline 0,1,2,3 qwen_tp4_offline "$QWEN" --tp-size 4
+      offline 0,1,2,3 qwen_dp4_offline "$QWEN" --dp-size 4
+      offline 0,1,2,3 qwen_tp2dp2_offline "$QWEN" --tp-size 2 --dp-size 2 ;;
+    *)
+      echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
+pack
