@@ -14,6 +14,7 @@
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, packed into $OUT/results.tgz after every run (the device tool returns few files); logs in $OUT.
+# JOB_TIMEOUT (seconds, default 1800) bounds each run.
 set -uo pipefail
 
 LLAMA=${LLAMA:-.bench-models/llama-3.1-8b}
@@ -31,7 +32,7 @@ pack() { tar czf "$OUT/.r$BASHPID.tgz" -C "$RUNS" . && mv "$OUT/.r$BASHPID.tgz" 
 job() {
   local gpus=$1 name=$2; shift 2
   echo "--- $name (GPUs $gpus) $(date +%T)"
-  CUDA_VISIBLE_DEVICES=$gpus "$@" --result-dir "$RUNS/$name" > "$OUT/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpus timeout "${JOB_TIMEOUT:-1800}" "$@" --result-dir "$RUNS/$name" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 14 "$OUT/$name.log"
   [ $rc -eq 0 ] || echo "!!! $name failed: rc $rc"
