@@ -13,7 +13,7 @@
 #   offline_4gpu    Qwen offline TP4, DP4, then TP2 + DP2
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
-# under $RUNS, packed into $OUT/results.tgz after every run (the device tool returns few files); logs in $OUT.
+# under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few files).
 # JOB_TIMEOUT (seconds, default 1800) bounds each run.
 set -uo pipefail
 
@@ -32,9 +32,9 @@ pack() { tar czf "$OUT/.r$BASHPID.tgz" -C "$RUNS" . && mv "$OUT/.r$BASHPID.tgz" 
 job() {
   local gpus=$1 name=$2; shift 2
   echo "--- $name (GPUs $gpus) $(date +%T)"
-  CUDA_VISIBLE_DEVICES=$gpus timeout "${JOB_TIMEOUT:-1800}" "$@" --result-dir "$RUNS/$name" > "$OUT/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpus timeout "${JOB_TIMEOUT:-1800}" "$@" --result-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1
   local rc=$?
-  tail -n 14 "$OUT/$name.log"
+  tail -n 14 "$RUNS/$name.log"
   [ $rc -eq 0 ] || echo "!!! $name failed: rc $rc"
   pack
   return $rc
@@ -48,12 +48,12 @@ offline() { local gpus=$1 name=$2 model=$3; shift 3
 serving() {  # the online target of the GPU-path issue, on one card
   local gpu=$1 port=30011
   CUDA_VISIBLE_DEVICES=$gpu python3 -m radixserve.launch_server --model-path "$LLAMA" $MODEL --port $port \
-    > "$OUT/server.log" 2>&1 &
+    > "$RUNS/server.log" 2>&1 &
   local server=$!
   for _ in $(seq 300); do
     python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)" \
       2>/dev/null && break
-    kill -0 $server 2>/dev/null || { tail -30 "$OUT/server.log"; return 1; }
+    kill -0 $server 2>/dev/null || { tail -30 "$RUNS/server.log"; return 1; }
     sleep 1
   done
   job "$gpu" serving_rate1 $BENCH.bench_serving --port $port $DATASET --num-prompts 100 --request-rate 1
