@@ -45,6 +45,8 @@ from radixserve.ops.parallel import TPGroup
 from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
 from radixserve.ops.sampler import Sampler
 
+# Set to a path prefix: the worker profiles its whole serve loop with cProfile and writes PATH.<pid> at shutdown.
+PROFILE_ENV = "RADIXSERVE_WORKER_PROFILE"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -300,7 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.connect is not None:
             mailbox.send(WorkerHello(args.rank))
-        serve(mailbox)
+        profile_path = os.environ.get(PROFILE_ENV)
+        if profile_path:  # development: where the worker's host time goes (one file per rank)
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                serve(mailbox)
+            prof.dump_stats(f"{profile_path}.{os.getpid()}")
+        else:
+            serve(mailbox)
         if dist.is_initialized():
             dist.destroy_process_group()
     except MailboxClosed:

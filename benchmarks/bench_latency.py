@@ -75,8 +75,17 @@ async def benchmark(args: argparse.Namespace) -> LatencyResult:
             return rng.integers(100, min(vocab, 32000), n).tolist()
 
         await one_stream(engine, prompt(min(args.input_len, 256)), 32)  # warm-up
+        profile = None
+        if args.cprofile:  # the engine's process (scheduler, ingress, detokenizer) during the measured runs
+            import cProfile
+
+            profile = cProfile.Profile()
+            profile.enable()
         runs = [await one_stream(engine, prompt(args.input_len), args.output_len)
                 for _ in range(args.repeats)]
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(args.cprofile)
     return LatencyResult(
         input_len=args.input_len,
         output_len=args.output_len,
@@ -93,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cprofile", default=None, help="write the engine process's cProfile stats here")
     add_common_args(parser)
     add_engine_args(parser)
     return parser.parse_args(argv)

@@ -7,6 +7,8 @@
 #   allreduce       bench_all_reduce: NCCL vs one-shot, world 2 (and 4)
 #   latency_llama   batch-1 decode at input 1024, Llama-3.1-8B: TP1, TP2, TP2 NCCL-only, TP4
 #   latency_qwen    the same for Qwen2-7B: TP1, TP2, TP4
+#   issue6          Llama TP1 and TP2 batch-1 decode, offline DP1 and DP2 (two GPUs)
+#   profile_tp2     batch-1 TP2: GPU idle between steps, a kernel trace, cProfile of the worker and the engine
 #   single          four one-GPU jobs at once, one per card: Llama offline (DP1), Qwen offline (TP1),
 #                   bench_constrained, and the online serving run (100 prompts of random 4096/2048 at 1 req/s)
 #   offline_2gpu    Llama offline DP2 on cards 0,1 and Qwen offline TP2 on cards 2,3, at once
@@ -75,6 +77,18 @@ for stage in "$@"; do
       latency 0 qwen_tp1 "$QWEN"
       latency 0,1 qwen_tp2 "$QWEN" --tp-size 2
       latency 0,1,2,3 qwen_tp4 "$QWEN" --tp-size 4 ;;
+    issue6)
+      # the two-GPU acceptance runs: batch-1 TP2 vs TP1 and offline DP2 vs DP1 (Llama-3.1-8B)
+      latency 0 llama_tp1 "$LLAMA" &
+      offline 1 llama_dp1 "$LLAMA" &
+      wait
+      offline 0,1 llama_dp2 "$LLAMA" --dp-size 2
+      latency 0,1 llama_tp2 "$LLAMA" --tp-size 2 ;;
+    profile_tp2)
+      # where a batch-1 TP2 step goes: GPU idle between steps + a kernel trace, and host profiles of both sides
+      RADIXSERVE_WORKER_PROFILE=$RUNS/worker.prof job 0,1 profile_tp2 $BENCH.profile_decode --model-path "$LLAMA" \
+        $MODEL --tp-size 2 --batch-size 1 --input-len 1024 --output-len 200 --skip-steps 20 --torch-profile-steps 12
+      latency 0,1 llama_tp2_cprofile "$LLAMA" --tp-size 2 --repeats 1 --cprofile "$RUNS/main_tp2.prof" ;;
     single)
       offline 0 llama_dp1 "$LLAMA" &
       offline 1 qwen_tp1_offline "$QWEN" &
