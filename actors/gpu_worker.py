@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from radixserve.actors.mailbox import BlockingSocketMailbox, MailboxClosed
 from radixserve.actors.messages import (
     InitWorker,
     Shutdown,
+    StepMask,
     StepPlan,
     WorkerFailed,
     WorkerHello,
@@ -151,8 +153,8 @@ class TokenAgreementCheck:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
 
-    def step(self, plan: StepPlan) -> Any:
-        pending = self.runner.step(plan)
+    def step(self, plan: StepPlan, receive_mask: Callable[[int], bytes] | None = None) -> Any:
+        pending = self.runner.step(plan, receive_mask)
         tokens = torch.frombuffer(bytearray(pending.result().tokens), dtype=torch.int32)
         ranks = self.tp.all_gather(tokens.to(self.runner.device).unsqueeze(0), dim=0)  # [tp, B]
         if not bool((ranks == ranks[0]).all()):
@@ -185,6 +187,10 @@ def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, devic
     raise UnsupportedFeatureError(
         f"attention backend {name!r} is not built (available: flashinfer, triton, torch)"
     )
+
+
+class _ShutdownDuringStep(Exception):
+    """The engine shut down while a step waited for its grammar masks."""
 
 
 class ResultSender:
@@ -224,12 +230,26 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
         raise
     mailbox.send(ready)
     sender = ResultSender(mailbox) if rank == 0 and runner.device.type == "cuda" else None
+
+    def receive_mask(step: int) -> bytes:
+        """The StepMask of `step`, the next message by protocol (the scheduler sends it before later plans)."""
+        msg = mailbox.receive()
+        if isinstance(msg, Shutdown):
+            raise _ShutdownDuringStep
+        if not isinstance(msg, StepMask) or msg.step != step:
+            raise RuntimeError(f"expected the grammar masks of step {step}, got {msg!r:.80}")
+        return msg.bitmask
+
     while True:
         msg = mailbox.receive()
         match msg:
             case StepPlan():
                 try:
-                    pending = runner.step(msg)
+                    pending = runner.step(msg, receive_mask)
+                except _ShutdownDuringStep:
+                    if sender is not None:
+                        sender.close()
+                    return
                 except Exception as e:
                     mailbox.send(WorkerFailed(rank, f"step {msg.step} failed: {type(e).__name__}: {e}"))
                     raise
@@ -243,6 +263,8 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
                 return
             case InitWorker():
                 raise RuntimeError("InitWorker received twice")
+            case StepMask():
+                raise RuntimeError(f"grammar masks for step {msg.step} arrived outside their step")
             case _:
                 raise RuntimeError(f"unexpected message {type(msg).__name__}")
 

@@ -172,8 +172,8 @@ def _xgrammar_message(e: Exception) -> str:
 
 
 class GrammarState:
-    """One request's xgrammar matcher. Invariant: it has accepted exactly the request's output tokens
-    (the scheduler never plans a constrained request while a sample of it is in flight).
+    """One request's xgrammar matcher. Invariant: it has accepted exactly the request's applied output
+    tokens; the scheduler asks for a mask only once every earlier sample of the request is applied.
 
     `forced`: tokens of forced text still to be decoded one per step (--disable-jump-forward): each step's
     mask allows only the next of them, so the output is token for token what jump-forward gives, only slower.
@@ -219,6 +219,10 @@ class GrammarState:
     def terminated(self) -> bool:
         """The grammar is complete and a stop token (the model's EOS) was accepted."""
         return bool(self.matcher.is_terminated())
+
+    def forces_text(self) -> bool:
+        """Whether `jump_forward` may find text to append now (it can still decline: see there)."""
+        return not self.cache.prefix_space and bool(self.matcher.find_jump_forward_string())
 
     def jump_forward(self, tail: list[int], budget: int) -> JumpForward | None:
         """Tokens for the text the grammar forces next, or None when it forces nothing (or it cannot be

@@ -127,7 +127,19 @@ class StepPlan(_Msg):
     # bitmasks (int32 [G, ceil(vocab / 32)], xgrammar's layout: bit j of word w allows token 32 w + j).
     grammar_rows: bytes = b""
     grammar_bitmask: bytes = b""
-    appended_tokens: list[AppendedTokens] = []  # applied before this step samples
+    # The bitmasks depend on samples of the previous step, still in flight when this plan was sent: they
+    # follow in a StepMask for this step, which the worker awaits after launching the forward pass.
+    grammar_mask_follows: bool = False
+    appended_tokens: list[AppendedTokens] = []  # applied first (before released_rows and new_requests)
+
+
+class StepMask(_Msg):
+    """The bitmasks of a plan sent with grammar_mask_follows, in its grammar_rows order. The scheduler sends
+    it as soon as it has applied the previous step's result, so the masks are computed on the host while
+    the worker's GPU runs this step's forward pass (overlap for constrained requests)."""
+
+    step: int
+    bitmask: bytes  # int32 [G, ceil(vocab / 32)]
 
 
 class InitWorker(_Msg):
@@ -157,7 +169,7 @@ class Shutdown(_Msg):
     pass
 
 
-WorkerInbox = InitWorker | StepPlan | Shutdown
+WorkerInbox = InitWorker | StepPlan | StepMask | Shutdown
 
 
 class WorkerReady(_Msg):

@@ -4,10 +4,14 @@ graph), samples, and starts copying the results to the host without waiting for 
 Per step, the host sends the device one packed int64 array (all the plan's integer columns) and gets back the
 sampled tokens (plus logprobs when asked). `step()` returns a PendingStep whose `result()` blocks until the
 copy is done; the worker calls it from a sender thread so that it can already launch the next step.
+
+A plan with `grammar_mask_follows` gets its grammar bitmasks later (StepMask): `step()` asks `receive_mask`
+for them after the forward pass is launched, so the scheduler computes them while the GPU works.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +88,11 @@ class ModelRunner:
     def _start_requests(
         self, new: list[NewRequest], released: list[int], appended: list[AppendedTokens]
     ) -> None:
+        # Edits concern the rows' occupants before this plan's releases (a request's last edits may come
+        # with its release), so they go first.
+        for a in appended:
+            self.sampler.remove_tokens(a.req_row, _arr(a.removed, "<i4").tolist())
+            self.sampler.append_tokens(a.req_row, _arr(a.added, "<i4").tolist())
         for row in released:
             self.sampler.remove_request(row)
         for req in new:
@@ -95,25 +104,27 @@ class ModelRunner:
             ids = _arr(req.penalty_ids, "<i4").tolist()
             split = len(ids) - req.num_output_ids
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
-        for a in appended:
-            self.sampler.remove_tokens(a.req_row, _arr(a.removed, "<i4").tolist())
-            self.sampler.append_tokens(a.req_row, _arr(a.added, "<i4").tolist())
 
     def _token_bitmask(
-        self, plan: StepPlan, sample_rows: np.ndarray
+        self, plan: StepPlan, sample_rows: np.ndarray, receive_mask: Callable[[int], bytes] | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The grammar-constrained rows (among the sampled rows) and their bitmasks, on the device."""
         if not plan.grammar_rows:
             return None
+        bitmask = plan.grammar_bitmask
+        if plan.grammar_mask_follows:
+            if receive_mask is None:
+                raise RuntimeError(f"step {plan.step}: its grammar masks follow, but no mask source was given")
+            bitmask = receive_mask(plan.step)
         rows = np.searchsorted(sample_rows, _arr(plan.grammar_rows, "<i4"))
-        words = _arr(plan.grammar_bitmask, "<i4").reshape(len(rows), -1)
+        words = _arr(bitmask, "<i4").reshape(len(rows), -1)
         # A copy from pageable memory would make the host wait for the device: stage it in pinned memory.
         host = torch.empty(words.shape, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host.numpy()[:] = words
         return to_device(rows.tolist(), torch.int64, self.device), host.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> PendingStep:
+    def step(self, plan: StepPlan, receive_mask: Callable[[int], bytes] | None = None) -> PendingStep:
         self._start_requests(plan.new_requests, plan.released_rows, plan.appended_tokens)
         req_rows = _arr(plan.req_rows, "<i4")
         seq_lens = _arr(plan.seq_lens, "<i4")
@@ -160,7 +171,8 @@ class ModelRunner:
         if logits is not None and len(sample_rows):
             output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
             out = self.sampler.sample(
-                logits, req_rows[sample_rows].tolist(), output_lens, self._token_bitmask(plan, sample_rows)
+                logits, req_rows[sample_rows].tolist(), output_lens,
+                self._token_bitmask(plan, sample_rows, receive_mask),
             )
             if len(sample_rows) == B:
                 tokens = out.tokens

@@ -38,7 +38,7 @@ class Req:
         "rid", "params", "max_new_tokens", "stop_ids", "prompt_ids", "output_ids", "arrival_time",
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
-        "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error",
+        "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
     )
 
     def __init__(
@@ -79,6 +79,9 @@ class Req:
         self.prefix_hint = 0  # prefix match length seen by the last lpm ordering
         self.grammar: GrammarState | None = None  # the matcher of a constrained request
         self.error: str | None = None  # why it failed (finish_reason ABORT)
+        # Constrained decoding: the step whose sample this request drops, because its grammar forces text
+        # after the token before it (jump-forward waits for the request to have nothing in flight).
+        self.discard_step = -1
 
     @property
     def num_tokens(self) -> int:

@@ -18,6 +18,8 @@ from radixserve.actors.messages import (
     FlushCache,
     RequestUpdate,
     SchedulerInbox,
+    StepMask,
+    StepPlan,
     StepResult,
     SubmitRequest,
     TokenBatch,
@@ -59,12 +61,7 @@ class Scheduler:
                     await self._handle(msg)
                 plan = None if self.dead else self.core.schedule()
                 if plan is not None:
-                    for worker in self.workers:
-                        try:
-                            await worker.send(plan)
-                        except MailboxClosed:
-                            await self._handle(WorkerDied(0, "a worker process closed its connection"))
-                            break
+                    await self._send_to_workers(plan)
                     continue
                 if self.idle:
                     self._on_idle()
@@ -84,7 +81,10 @@ class Scheduler:
                 await self._publish(self.core.abort(msg.rid, msg.reason))
             case StepResult():
                 if not self.dead:
-                    await self._publish(self.core.apply(msg))
+                    updates = self.core.apply(msg)
+                    if (mask := self.core.take_step_mask()) is not None:
+                        await self._send_to_workers(mask)  # the workers wait for it: before anything else
+                    await self._publish(updates)
             case FlushCache():
                 self._flush_requested = True
             case WorkerDied():
@@ -94,6 +94,14 @@ class Scheduler:
                     await self._publish(self.core.fail_all(self.dead))
             case _:
                 assert_never(msg)
+
+    async def _send_to_workers(self, msg: StepPlan | StepMask) -> None:
+        for worker in self.workers:
+            try:
+                await worker.send(msg)
+            except MailboxClosed:
+                await self._handle(WorkerDied(0, "a worker process closed its connection"))
+                return
 
     def _on_idle(self) -> None:
         if self._flush_requested:

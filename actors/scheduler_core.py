@@ -5,15 +5,15 @@ newly admitted requests ("computed tokens catch up with tokens": a decode is an 
 Overlap: `schedule()` may issue step N+1 while step N is in flight; a row that needs the token step N samples
 refers to it by row (`prev_rows`), and slots are released only once no issued step can touch them.
 
-Constrained decoding (actors/grammar.py): each sampling row of a constrained request carries its grammar's
-token bitmask, computed when the plan is built; its sampled token is accepted by its matcher when the result
-is applied, and text the grammar then forces is appended at once (jump-forward), computed as an extend chunk.
-NOTE: a constrained request's next mask depends on the token its last step samples, so it is never planned
-while that sample is in flight (no `prev_rows` for it); and no constrained request is planned (or admitted)
-while any constrained sample is in flight, so that they all share one step instead of splitting into groups
-that alternate at half the batch size. Under overlap, constrained requests therefore run every other step
-while unconstrained ones keep the pipeline full; when only constrained requests run, the scheduler waits for
-each result (no overlap: the host's turnaround sits between steps).
+Constrained decoding (actors/grammar.py): each sampling row of a constrained request is masked by its
+grammar's token bitmask; the sampled token is accepted by its matcher when the result is applied, and text
+the grammar then forces is appended (jump-forward), computed as an extend chunk. Under overlap a constrained
+request rides every step like any other: when its row's input is a sample still in flight, the mask cannot
+exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask as
+soon as that sample is applied (`take_step_mask`); the worker waits for them after launching the forward
+pass, so computing them hides under the GPU's work. Jump-forward needs the request quiet: when its grammar
+forces text after a sample whose successor step is already in flight, that successor's sample is dropped
+(`Req.discard_step`) and the jump happens when it returns.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from radixserve.actors.messages import (
     AppendedTokens,
     NewRequest,
     RequestUpdate,
+    StepMask,
     StepPlan,
     StepResult,
     SubmitRequest,
@@ -67,6 +68,8 @@ class _IssuedStep:
     sampled: list[bool]
     prompt_done: list[bool]  # the row's chunk reached the end of its known tokens
     logprob_rows: list[int] = field(default_factory=list)
+    constrained: list[Req] = field(default_factory=list)  # of the plan's grammar_rows, in order
+    mask_follows: bool = False  # their bitmasks go out in a StepMask once the step before is applied
 
 
 class SchedulerCore:
@@ -77,6 +80,7 @@ class SchedulerCore:
         # requests with penalties, sent with the next plan.
         self._bitmask = np.zeros((0, 0), dtype=np.int32)
         self._appended: dict[int, list[AppendedTokens]] = {}
+        self._step_mask: StepMask | None = None  # for the step after the last applied one
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
         self.reqs: dict[str, Req] = {}
         self.waiting: list[Req] = []
@@ -133,6 +137,7 @@ class SchedulerCore:
         self.waiting.clear()
         self.running.clear()
         self._issued.clear()
+        self._step_mask = None
         return updates
 
     # ------------------------------------------------------------------------------------------ planning
@@ -183,19 +188,14 @@ class SchedulerCore:
         self._admit(rows, prefill_budget)
         return rows
 
-    def _grammar_in_flight(self) -> bool:
-        """A constrained request's sample is in flight: constrained requests wait (module docstring)."""
-        return any(r.grammar is not None and r.pending_step >= 0 and not r.finished for r in self.running)
-
     def _runnable(self, last_step: int) -> tuple[list[Req], list[Req]]:
         decode: list[Req] = []
         extend: list[Req] = []
-        grammar_wait = self._grammar_in_flight()
         for req in self.running:
             if req.finished or (req.pending_step >= 0 and req.pending_step != last_step):
                 continue
-            if req.grammar is not None and grammar_wait:
-                continue  # its mask may depend on a sample in flight (module docstring)
+            if req.discard_step >= 0:
+                continue  # jump-forward waits for its dropped sample to return (module docstring)
             remaining = req.num_tokens - req.planned_len
             if remaining <= 0:
                 continue
@@ -212,12 +212,9 @@ class SchedulerCore:
             for r in self.running
             if not r.finished
         ) + sum(n for _, n in rows)
-        grammar_wait = self._grammar_in_flight()
         for req in order_waiting(self.cfg.schedule_policy, self.waiting, self.kv.prefix_match_len):
             if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
                 break
-            if req.grammar is not None and grammar_wait:
-                continue
             self.kv.match_and_lock(req)
             need = (req.num_tokens - req.planned_len) + int(req.remaining_new_tokens * self.new_token_ratio)
             if self.kv.available - reserved < min(need, self.kv.total_slots - reserved) or (
@@ -253,7 +250,7 @@ class SchedulerCore:
         new_requests: list[NewRequest] = []
         record = _IssuedStep(step, [], [], [])
         prompt_lp: list[tuple[int, int, int]] = []
-        constrained: list[tuple[int, Req]] = []
+        grammar_rows: list[int] = []
         for b, (req, n) in enumerate(rows):
             slots = self.kv.alloc(n)
             assert slots is not None, "scheduler planned more slots than are available"
@@ -289,7 +286,9 @@ class SchedulerCore:
             if sample and req.params.logprobs is not None:
                 record.logprob_rows.append(b)
             if sample and req.grammar is not None:
-                constrained.append((b, req))
+                grammar_rows.append(b)
+                record.constrained.append(req)
+                record.mask_follows |= prev_rows[-1] >= 0
             self.num_prefill_tokens += n if n > 1 or prev_rows[-1] < 0 else 0
         self._issued.append(record)
         self.num_forward_steps += 1
@@ -309,12 +308,14 @@ class SchedulerCore:
             new_requests=new_requests,
             released_rows=released,
             prompt_logprob_rows=prompt_lp,
-            grammar_rows=_i32([b for b, _ in constrained]) if constrained else b"",
-            grammar_bitmask=self._fill_bitmasks([req for _, req in constrained]),
+            grammar_rows=_i32(grammar_rows) if grammar_rows else b"",
+            grammar_bitmask=b"" if record.mask_follows else self._fill_bitmasks(record.constrained, step),
+            grammar_mask_follows=record.mask_follows,
             appended_tokens=appended,
         )
 
-    def _fill_bitmasks(self, reqs: list[Req]) -> bytes:
+    def _fill_bitmasks(self, reqs: list[Req], step: int) -> bytes:
+        """The bitmasks of `reqs`' rows in `step`; a row whose sample will be dropped allows every token."""
         if not reqs:
             return b""
         assert self.grammars is not None
@@ -323,8 +324,17 @@ class SchedulerCore:
             self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
         for g, req in enumerate(reqs):
             assert req.grammar is not None
-            req.grammar.fill_bitmask(self._bitmask, g)
+            if req.finished or req.discard_step == step:
+                self._bitmask[g] = -1
+            else:
+                req.grammar.fill_bitmask(self._bitmask, g)
         return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
+
+    def take_step_mask(self) -> StepMask | None:
+        """After `apply`: the bitmasks of the next step in flight when its plan said they follow. Send it to
+        the workers before any later plan."""
+        mask, self._step_mask = self._step_mask, None
+        return mask
 
     def _new_request(self, req: Req) -> NewRequest:
         penalty_ids = b""
@@ -351,7 +361,15 @@ class SchedulerCore:
             req.inflight -= 1
             if b in prompt_lps and req.prompt_logprobs is not None:
                 append_prompt_logprobs(req.prompt_logprobs, req.prompt_ids, prompt_lps[b])
-            if record.sampled[b]:
+            if record.sampled[b] and req.discard_step == record.step:
+                req.pending_step = req.pending_row = req.discard_step = -1
+                if req.params.needs_penalties and req.row >= 0:  # the worker counted the dropped sample
+                    edit = AppendedTokens(req.row, b"", _i32([int(tokens[b])]))
+                    self._appended.setdefault(req.row, []).append(edit)
+                if not req.finished:
+                    self._jump_after_discard(req)
+                    touched.append(req)
+            elif record.sampled[b]:
                 token = int(tokens[b])
                 req.output_ids.append(token)
                 if req.pending_step == record.step:  # not when the next step already re-armed it
@@ -366,7 +384,7 @@ class SchedulerCore:
                     elif len(req.output_ids) >= req.max_new_tokens:
                         req.finish(FinishReason.LENGTH)
                     elif req.grammar is not None and not req.grammar.last_was_forced:
-                        self._jump_forward(req)
+                        self._after_constrained_sample(req)
                     touched.append(req)
             elif record.prompt_done[b] and req.max_new_tokens == 0 and not req.finished:
                 req.finish(FinishReason.LENGTH)
@@ -375,9 +393,30 @@ class SchedulerCore:
                 self._release(req)
         decayed = self.new_token_ratio - self.cfg.new_token_ratio_decay
         self.new_token_ratio = max(self.cfg.min_new_token_ratio, decayed)
+        if self._issued and self._issued[0].mask_follows:
+            following = self._issued[0]
+            self._step_mask = StepMask(following.step, self._fill_bitmasks(following.constrained, following.step))
         return [self._update(req) for req in touched]
 
     # ------------------------------------------------------------------------------------------ grammars
+
+    def _after_constrained_sample(self, req: Req) -> None:
+        """Jump-forward now if nothing of `req` is in flight; else, when its grammar forces text, drop the
+        sample of the step in flight (which decodes the token just applied) and jump once it is back."""
+        assert req.grammar is not None
+        if req.inflight == 0:
+            self._jump_forward(req)
+        elif req.grammar.forces_text():
+            # In flight means planned in the next step, as a decode row that samples (it had a pending sample).
+            assert req.pending_step >= 0 and req.inflight == 1, "a constrained request in flight without a sample"
+            req.discard_step = req.pending_step
+
+    def _jump_after_discard(self, req: Req) -> None:
+        """The step whose sample `req` dropped computed the KV of its last token: jump-forward now. Should the
+        jump append nothing after all, that token's KV is dropped so that it is decoded (and sampled) again."""
+        self._jump_forward(req)
+        if not req.finished and req.planned_len == req.num_tokens:
+            self.kv.truncate(req, req.planned_len - 1)
 
     def _jump_forward(self, req: Req, reserve: int = 0) -> None:
         """After the model chose a token: append the text `req`'s grammar now forces (GrammarState.
@@ -458,7 +497,6 @@ class SchedulerCore:
         self.running.remove(req)
         self._free_rows.append(req.row)
         self._released_rows.append(req.row)
-        self._appended.pop(req.row, None)  # a new NewRequest carries the whole output
         req.row = -1
         req.status = ReqStatus.FINISHED
 

@@ -12,9 +12,9 @@ tokens appended by jump-forward, outputs that parse and have every key, and text
 
 Part 2, overhead: --batch-size requests of --overhead-tokens tokens: unconstrained (ignore_eos), constrained
 by a grammar that forces nothing and never ends (`root ::= [a-z ] root`: masks are computed and applied, but
-no jump-forward), and half of each. Reports output tokens/s and ms per forward pass. NOTE: a constrained
-request is never planned while its last sample is in flight (actors/scheduler_core.py), so an all-constrained
-batch runs without the overlap pipeline, and in a mixed batch constrained requests run every other step.
+no jump-forward), and half of each. Reports output tokens/s and ms per forward pass. Constrained rows ride
+the overlap pipeline: their masks are computed while the GPU runs the step and sent after the plan
+(actors/scheduler_core.py, StepMask), so the overhead is the mask upload and its application before sampling.
 
 Part 1 flips jump-forward on the running engine's scheduler configs, a shortcut for benchmarks and tests.
 """

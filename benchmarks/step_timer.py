@@ -177,13 +177,13 @@ def install(cfg: StepTimingConfig) -> None:
     step = model_runner.ModelRunner.step
     write = kv_pool.ReqToTokenTable.write
 
-    def timed_step(self: Any, plan: Any) -> Any:
+    def timed_step(self: Any, plan: Any, *args: Any) -> Any:
         if not timers:
             timers.append(StepTimer(cfg, self.device))
             atexit.register(timers[0].dump)
         timers[0].begin(plan)
         try:
-            return step(self, plan)
+            return step(self, plan, *args)
         finally:
             timers[0].end()
 

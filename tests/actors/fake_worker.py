@@ -59,7 +59,14 @@ class FakeWorker:
         self.penalty_outputs: dict[int, list[int]] = {}
         self.released_penalty_outputs: list[list[int]] = []
 
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan, mask: bytes | None = None) -> StepResult:
+        """`mask`: the StepMask's bitmasks of a plan sent with grammar_mask_follows."""
+        assert (mask is not None) == plan.grammar_mask_follows, "masks must come with the plan or after it"
+        for edit in plan.appended_tokens:
+            outputs = self.penalty_outputs[edit.req_row]
+            for token in np.frombuffer(edit.removed, dtype="<i4").tolist():
+                outputs.remove(token)
+            outputs.extend(np.frombuffer(edit.added, dtype="<i4").tolist())
         for row in plan.released_rows:
             self.rows_live.discard(row)
             if row in self.penalty_outputs:
@@ -72,13 +79,9 @@ class FakeWorker:
             if req.params.needs_penalties:
                 ids = np.frombuffer(req.penalty_ids, dtype="<i4").tolist()
                 self.penalty_outputs[req.req_row] = ids[len(ids) - req.num_output_ids :]
-        for edit in plan.appended_tokens:
-            outputs = self.penalty_outputs[edit.req_row]
-            for token in np.frombuffer(edit.removed, dtype="<i4").tolist():
-                outputs.remove(token)
-            outputs.extend(np.frombuffer(edit.added, dtype="<i4").tolist())
         grammar_rows = np.frombuffer(plan.grammar_rows, dtype="<i4").tolist()
-        bitmasks = np.frombuffer(plan.grammar_bitmask, dtype="<i4").reshape(len(grammar_rows), VOCAB // 32)
+        bitmask = plan.grammar_bitmask if mask is None else mask
+        bitmasks = np.frombuffer(bitmask, dtype="<i4").reshape(len(grammar_rows), VOCAB // 32)
         masks = dict(zip(grammar_rows, bitmasks, strict=True))
         self.contexts = {}
         req_rows = np.frombuffer(plan.req_rows, dtype="<i4")
