@@ -54,6 +54,30 @@ class KVManager:
         req.slots = match.slots.tolist()
         req.prefix_len = req.planned_len = len(req.slots)
 
+    def cache_prefix(self, req: Req, length: int) -> None:
+        """Hand the first `length` computed tokens of a running request to the tree now rather than at its
+        release, so that requests admitted meanwhile reuse them (a shared system prompt is computed once).
+
+        Only when the tree holds exactly the request's matched prefix of them: where another request cached
+        the same tokens meanwhile, this request's slots are a second copy, which the worker's table keeps
+        reading until the release (then they are freed as duplicates). Mutates req.prefix_len/last_node.
+        """
+        if not self.cache_enabled or length <= req.prefix_len or req.params.prompt_logprobs is not None:
+            return
+        assert length <= req.planned_len
+        tokens = req.tokens()[:length]
+        if len(self.tree.match_prefix(tokens).slots) != req.prefix_len:
+            return
+        already = self.tree.insert(tokens, np.asarray(req.slots[:length], dtype=np.int32))
+        assert already == req.prefix_len
+        node = self.tree.match_prefix(tokens).last_node
+        self.tree.lock(node)  # before unlocking the old path, which it extends
+        if req.last_node is not None:
+            self.tree.unlock(req.last_node)
+        req.last_node = node
+        self.private_slots -= length - req.prefix_len
+        req.prefix_len = length
+
     def truncate(self, req: Req, length: int) -> None:
         """Free the request's private slots past `length` (jump-forward replaced those tokens); no issued step
         may still touch them. Mutates req.slots / planned_len."""

@@ -6,7 +6,8 @@ Token and KV bookkeeping (all lengths in tokens):
     + 1 pending token                                sampled by an issued step whose result is not applied yet
     slots[0 : planned_len]                           KV slots of tokens[0 : planned_len]; planned_len counts
                                                      every issued step, so it runs ahead of the worker
-    slots[0 : prefix_len]                            owned by the radix tree (matched at admission, locked)
+    slots[0 : prefix_len]                            owned by the radix tree (matched at admission, or the
+                                                     prompt, cached once computed; locked)
     slots[prefix_len : planned_len]                  owned by this request until it is cached or freed
 
 Once finished, a request may still ride in steps already issued; its slots are released only when
@@ -39,6 +40,7 @@ class Req:
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
         "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
+        "announced",
     )
 
     def __init__(
@@ -82,6 +84,7 @@ class Req:
         # Constrained decoding: the step whose sample this request drops, because its grammar forces text
         # after the token before it (jump-forward waits for the request to have nothing in flight).
         self.discard_step = -1
+        self.announced = False  # its NewRequest went to the workers since it was (re)admitted
 
     @property
     def num_tokens(self) -> int:

@@ -41,6 +41,11 @@ from radixserve.actors.schedule_policy import order_waiting
 from radixserve.outputs import FinishReason
 
 
+# Prompt tokens that identify a shared head (a system prompt) for admission's hold-back (see
+# SchedulerCore._prompt_heads_being_computed); SGLang checks in-batch prefixes at 32 tokens too.
+HEAD = 32
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     num_slots: int
@@ -212,9 +217,13 @@ class SchedulerCore:
             for r in self.running
             if not r.finished
         ) + sum(n for _, n in rows)
+        computing = self._prompt_heads_being_computed()
         for req in order_waiting(self.cfg.schedule_policy, self.waiting, self.kv.prefix_match_len):
             if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
                 break
+            head = _prompt_head(req)
+            if head is not None and head in computing and self.kv.prefix_match_len(req.tokens()) < HEAD:
+                continue  # a running request computes this prompt's head: wait for it to be cached
             self.kv.match_and_lock(req)
             need = (req.num_tokens - req.planned_len) + int(req.remaining_new_tokens * self.new_token_ratio)
             if self.kv.available - reserved < min(need, self.kv.total_slots - reserved) or (
@@ -240,6 +249,17 @@ class SchedulerCore:
             rows.append((req, n))
             reserved += need
             budget -= n
+            if head is not None and req.prefix_len < HEAD:
+                computing.add(head)
+
+    def _prompt_heads_being_computed(self) -> set[tuple[int, ...]]:
+        """The first HEAD prompt tokens of running requests that compute them (not cached yet). A waiting
+        request with the same head is held back until they are: admitted together, requests that share a
+        system prompt would each compute it (the tree gets a prompt once its prefill is applied)."""
+        if not self.kv.cache_enabled:
+            return set()
+        return {head for r in self.running
+                if r.prefix_len < HEAD and not r.finished and (head := _prompt_head(r)) is not None}
 
     def _build_plan(self, rows: list[tuple[Req, int]], last_step: int) -> StepPlan:
         step = self._next_step
@@ -255,8 +275,9 @@ class SchedulerCore:
             slots = self.kv.alloc(n)
             assert slots is not None, "scheduler planned more slots than are available"
             start = req.planned_len
-            if start == req.prefix_len and len(req.slots) == req.prefix_len:
+            if not req.announced:
                 new_requests.append(self._new_request(req))
+                req.announced = True
             done = start + n == req.num_tokens
             sample = done and req.wants_sample
             if req.pending_step >= 0:  # the input is the token step `last_step` samples for this request
@@ -389,6 +410,8 @@ class SchedulerCore:
             elif record.prompt_done[b] and req.max_new_tokens == 0 and not req.finished:
                 req.finish(FinishReason.LENGTH)
                 touched.append(req)
+            if record.prompt_done[b] and not req.finished and req.prefix_len < len(req.prompt_ids):
+                self.kv.cache_prefix(req, len(req.prompt_ids))  # shared prompts are computed once
             if req.finished and req.inflight == 0 and req.status == ReqStatus.RUNNING:
                 self._release(req)
         decayed = self.new_token_ratio - self.cfg.new_token_ratio_decay
@@ -497,6 +520,7 @@ class SchedulerCore:
         self.running.remove(req)
         self._free_rows.append(req.row)
         self._released_rows.append(req.row)
+        req.announced = False
         req.row = -1
         req.status = ReqStatus.FINISHED
 
@@ -527,6 +551,13 @@ class SchedulerCore:
                                  f"{self.kv.private_slots}")
         if len(self._free_rows) + len(self.running) != self.cfg.max_rows:
             raise AssertionError("request rows leaked")
+
+
+def _prompt_head(req: Req) -> tuple[int, ...] | None:
+    """The key under which admission holds back requests sharing a prompt head (None: too short to tell)."""
+    if len(req.prompt_ids) <= HEAD or req.params.prompt_logprobs is not None:
+        return None
+    return tuple(req.prompt_ids[:HEAD])
 
 
 def _i32(values: list[int]) -> bytes:

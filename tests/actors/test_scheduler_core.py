@@ -101,6 +101,24 @@ def test_prefix_hit_skips_recomputation() -> None:
     core.check_integrity()
 
 
+@pytest.mark.parametrize("policy", ["lpm", "fcfs"])
+def test_concurrent_requests_share_a_system_prompt_computed_once(policy: str) -> None:
+    """16 requests with one 300-token system prompt arrive together: admission holds back those whose head
+    another request is computing, and the prompt enters the tree once prefilled (not at the finish), so
+    the system prompt is computed about once, while the requests still run concurrently."""
+    rng = random.Random(2)
+    system = [rng.randrange(4, VOCAB) for _ in range(300)]
+    prompts = {f"r{i}": system + [rng.randrange(4, VOCAB) for _ in range(10)] for i in range(16)}
+    core, worker = make(schedule_policy=policy, chunked_prefill_size=1024)
+    got = outputs(run(core, worker, {0: [(rid, p, 40) for rid, p in prompts.items()]}))
+    assert got == {rid: reference_generate(p, 40, {STOP}) for rid, p in prompts.items()}
+    prompt_tokens = core.num_prefill_tokens
+    assert prompt_tokens <= 300 + 16 * 11, f"{prompt_tokens} prompt tokens computed"
+    assert core.num_cached_prompt_tokens >= 15 * 299
+    assert core.num_forward_steps <= 45, "the others waited for the first to finish, not to prefill"
+    core.check_integrity()
+
+
 def test_disabled_cache_recomputes() -> None:
     core, worker = make(disable_radix_cache=True)
     prefix = list(range(4, 60))
