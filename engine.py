@@ -271,11 +271,14 @@ class Engine:
         input_ids: Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
         rid: str | None = None,
+        stream: bool = True,
     ) -> RequestHandle:
+        """Submit a request; `outputs(handle)` yields its outputs. stream=False: one output, at the finish."""
         if self._stack is None:
             raise EngineDeadError("the engine is not running (use `async with Engine(...)`)")
         return await self.ingress.open(
-            prompt=prompt, input_ids=input_ids, messages=messages, sampling_params=sampling_params, rid=rid
+            prompt=prompt, input_ids=input_ids, messages=messages, sampling_params=sampling_params, rid=rid,
+            stream=stream,
         )
 
     async def outputs(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
@@ -320,7 +323,7 @@ class Engine:
         sampling_params: SamplingParams | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> GenerateOutput:
-        handle = await self.open(prompt, sampling_params, **kwargs)
+        handle = await self.open(prompt, sampling_params, stream=False, **kwargs)
         text: list[str] = []
         tokens: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if handle.params.logprobs is not None else None

@@ -84,6 +84,9 @@ class Ingress:
         self.chat_template = chat_template
         self.grammars = grammars  # compiled here (off the event loop) before the scheduler sees the request
         self._handles: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        # Requests opened with stream=False: their outputs wait here and go out merged, once, at the finish
+        # (a caller that only wants the result is not woken once per token).
+        self._buffers: dict[str, list[RequestOutput]] = {}
         self._counter = itertools.count()
         self.dead: str | None = None
 
@@ -100,6 +103,7 @@ class Ingress:
         sampling_params: SamplingParams | dict[str, Any] | None = None,
         rid: str | None = None,
         priority: int = 0,
+        stream: bool = True,
     ) -> RequestHandle:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -115,6 +119,8 @@ class Ingress:
         replica = self.router.route(rid, ids)
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
         self._handles[rid] = send
+        if not stream:
+            self._buffers[rid] = []
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.limits.eos_token_ids)
@@ -220,6 +226,13 @@ class Ingress:
         send = self._handles.get(out.rid)
         if send is None:
             return
+        buffer = self._buffers.get(out.rid)
+        if buffer is not None:
+            if out.finish_reason is None and out.error is None:
+                buffer.append(out)
+                return
+            del self._buffers[out.rid]
+            out = merge_outputs([*buffer, out])
         try:
             send.send_nowait(out)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -245,6 +258,7 @@ class Ingress:
     def _fail(self, rids: list[str], message: str) -> None:
         for rid in rids:
             send = self._handles.pop(rid, None)
+            self._buffers.pop(rid, None)
             self.router.finished(rid)
             if send is None:
                 continue
@@ -253,3 +267,24 @@ class Ingress:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             send.close()
+
+
+def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
+    """One output for a run of a request's outputs: their text and tokens joined, the last one's finish."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outs):
+        logprobs = [lp for o in outs for lp in (o.logprobs or ())]
+    return RequestOutput(
+        rid=last.rid,
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        matched_stop=last.matched_stop,
+        usage=last.usage,
+        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
+        error=last.error,
+    )

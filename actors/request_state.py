@@ -40,7 +40,7 @@ class Req:
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
         "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
-        "announced",
+        "announced", "head_hash",
     )
 
     def __init__(
@@ -85,6 +85,7 @@ class Req:
         # after the token before it (jump-forward waits for the request to have nothing in flight).
         self.discard_step = -1
         self.announced = False  # its NewRequest went to the workers since it was (re)admitted
+        self.head_hash = 0  # of its prompt's head (scheduler_core.HEAD tokens): groups shared system prompts
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +94,15 @@ class Req:
 
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """tokens()[start:end] without building tokens()."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
     def finished(self) -> bool:

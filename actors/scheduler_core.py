@@ -110,6 +110,7 @@ class SchedulerCore:
         stop_ids = frozenset(msg.eos_token_ids)
         req = Req(msg.rid, list(msg.input_ids), msg.params, msg.max_new_tokens, stop_ids, msg.arrival_time,
                   msg.priority)
+        req.head_hash = hash(_prompt_head(req))
         if msg.params.constraint is not None:
             assert self.grammars is not None, "a constrained request reached a scheduler without grammars"
             req.grammar = self.grammars.new_state(msg.params)
@@ -207,6 +208,10 @@ class SchedulerCore:
             if remaining == 1 and req.max_new_tokens > 0 and not req.wants_sample:
                 continue  # its last sample is in flight: it finishes by length when applied
             (decode if remaining == 1 else extend).append(req)
+        if self.kv.cache_enabled and len(decode) > 1:
+            # Rows that share a prompt head sit side by side: attention kernels working on neighbouring rows
+            # then read the shared prefix's KV while it is still in the L2 cache.
+            decode.sort(key=lambda r: r.head_hash)
         return decode, extend
 
     def _admit(self, rows: list[tuple[Req, int]], budget: int) -> None:
@@ -266,14 +271,16 @@ class SchedulerCore:
         self._next_step += 1
         req_rows, seq_lens, extend_lens, prev_rows, sample_mask, output_lens = [], [], [], [], [], []
         input_ids: list[int] = []
-        out_slots: list[np.ndarray] = []
         new_requests: list[NewRequest] = []
         record = _IssuedStep(step, [], [], [])
         prompt_lp: list[tuple[int, int, int]] = []
         grammar_rows: list[int] = []
+        all_slots = self.kv.alloc(sum(n for _, n in rows))  # one allocation for the whole step
+        assert all_slots is not None, "scheduler planned more slots than are available"
+        offset = 0
         for b, (req, n) in enumerate(rows):
-            slots = self.kv.alloc(n)
-            assert slots is not None, "scheduler planned more slots than are available"
+            slots = all_slots[offset : offset + n]
+            offset += n
             start = req.planned_len
             if not req.announced:
                 new_requests.append(self._new_request(req))
@@ -286,7 +293,7 @@ class SchedulerCore:
                 input_ids.append(0)
             else:
                 prev_rows.append(-1)
-                input_ids.extend(req.tokens()[start : start + n])
+                input_ids.extend(req.token_range(start, start + n))
             if req.prompt_logprobs is not None and start < len(req.prompt_ids):
                 after = req.prompt_ids[start + n] if start + n < len(req.prompt_ids) else -1
                 prompt_lp.append((b, req.params.prompt_logprobs or 0, after))
@@ -295,7 +302,6 @@ class SchedulerCore:
             extend_lens.append(n)
             sample_mask.append(sample)
             output_lens.append(len(req.output_ids) + (req.pending_step >= 0))
-            out_slots.append(slots)
             req.slots.extend(slots.tolist())
             req.planned_len = start + n
             req.inflight += 1
@@ -325,7 +331,7 @@ class SchedulerCore:
             sample_mask=np.asarray(sample_mask, dtype=np.uint8).tobytes(),
             output_lens=_i32(output_lens),
             input_ids=_i32(input_ids),
-            out_slots=np.concatenate(out_slots).astype("<i4").tobytes(),
+            out_slots=all_slots.astype("<i4", copy=False).tobytes(),
             new_requests=new_requests,
             released_rows=released,
             prompt_logprob_rows=prompt_lp,
@@ -343,12 +349,15 @@ class SchedulerCore:
         if self._bitmask.shape[0] < len(reqs):
             rows = max(len(reqs), 2 * self._bitmask.shape[0])
             self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
+        states, rows = [], []
         for g, req in enumerate(reqs):
             assert req.grammar is not None
             if req.finished or req.discard_step == step:
                 self._bitmask[g] = -1
             else:
-                req.grammar.fill_bitmask(self._bitmask, g)
+                states.append(req.grammar)
+                rows.append(g)
+        self.grammars.fill_bitmasks(states, self._bitmask, rows)
         return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
 
     def take_step_mask(self) -> StepMask | None:

@@ -40,6 +40,7 @@ class IncrementalDetokenizer:
         spaces_between_special_tokens: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
+        self._fast = rust_tokenizer(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._spaces_between_special_tokens = spaces_between_special_tokens
         context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -106,6 +107,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         if not ids:
             return ""
+        if self._fast is not None:  # what a fast tokenizer's decode does, minus ~10 us of Python per call
+            fast_text: str = self._fast.decode(ids, skip_special_tokens=self._skip_special_tokens)
+            return fast_text
         text: str = self._tokenizer.decode(
             ids,
             skip_special_tokens=self._skip_special_tokens,
@@ -113,6 +117,20 @@ class IncrementalDetokenizer:
             clean_up_tokenization_spaces=False,
         )
         return text
+
+
+def rust_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer, or None. Its decode is what the
+    wrapper's decode runs (spaces_between_special_tokens only matters to slow tokenizers; every decode here
+    turns clean-up off)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return backend if isinstance(backend, Tokenizer) else None
 
 
 class StopStringMatcher:

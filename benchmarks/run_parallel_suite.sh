@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-GPU runs (tensor and data parallelism) and their one-GPU baselines, stage by stage, on one host.
+# Multi-GPU runs (tensor and data parallelism) and their one-GPU baselines, stage by stage, on one host; and
+# the one-GPU runs of the constrained-decoding and shared-prefix targets.
 #
 #   bash benchmarks/run_parallel_suite.sh STAGE ...
 #
@@ -13,6 +14,10 @@
 #                   bench_constrained, and the online serving run (100 prompts of random 4096/2048 at 1 req/s)
 #   offline_2gpu    Llama offline DP2 on cards 0,1 and Qwen offline TP2 on cards 2,3, at once
 #   offline_4gpu    Qwen offline TP4, DP4, then TP2 + DP2
+#   constrained     bench_constrained on card 0 (jump-forward on/off, batch-64 mask overhead)
+#   shared_prefix   64 groups x 16 prompts (2048-token system prompt, 128 question, 256 out), radix cache on
+#                   and off, up to 1024 requests running, on card 0
+#   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few files).
@@ -89,6 +94,19 @@ for stage in "$@"; do
       RADIXSERVE_WORKER_PROFILE=$RUNS/worker.prof job 0,1 profile_tp2 $BENCH.profile_decode --model-path "$LLAMA" \
         $MODEL --tp-size 2 --batch-size 1 --input-len 1024 --output-len 200 --skip-steps 20 --torch-profile-steps 12
       latency 0,1 llama_tp2_cprofile "$LLAMA" --tp-size 2 --repeats 1 --cprofile "$RUNS/main_tp2.prof" ;;
+    constrained)
+      job 0 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL ;;
+    shared_prefix)
+      for cache in on off; do
+        flag=""; [ $cache = off ] && flag=--disable-radix-cache
+        job 0 shared_prefix_$cache $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
+          --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
+          --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
+          --max-running-requests 1024 $flag
+      done ;;
+    trace_bs1)
+      job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
+        --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;
     single)
       offline 0 llama_dp1 "$LLAMA" &
       offline 1 qwen_tp1_offline "$QWEN" &

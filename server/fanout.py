@@ -62,11 +62,12 @@ class RequestGroup:
         params: Sequence[SamplingParams],
         n: int,
         rids: Sequence[str] | None = None,
+        stream: bool = True,
     ) -> RequestGroup:
         """Open len(prompts) * n requests; `params[i]` serves prompt i, and sample j of a seeded request
         gets seed + j. Engine request ids: `rids[i]` (the caller's, one per prompt) or `gid`, suffixed with
         the sample (or choice) index when there are several. Raises what `Engine.open` raises, after
-        aborting the members already opened."""
+        aborting the members already opened. stream=False: each member gives one output, at its finish."""
         assert len(params) == len(prompts) and n >= 1
         assert rids is None or len(rids) == len(prompts)
         group = cls(engine, gid, registry)
@@ -81,7 +82,8 @@ class RequestGroup:
                         rid = gid if total == 1 else f"{gid}-{index}"
                     sample = p if p.seed is None else _with_seed(p, p.seed + j)
                     handle = await engine.open(
-                        prompt.text, sample, input_ids=prompt.input_ids, messages=prompt.messages, rid=rid
+                        prompt.text, sample, input_ids=prompt.input_ids, messages=prompt.messages, rid=rid,
+                        stream=stream,
                     )
                     group.members.append(Member(index, i, j, handle))
         except BaseException:

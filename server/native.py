@@ -99,6 +99,7 @@ async def generate(request: Request) -> Response:
             [msgspec.structs.replace(i.params, n=1) for i in inputs],
             n,
             rids=rids if all(r is not None for r in rids) else None,
+            stream=req.stream,
         )
     except Exception as e:
         return error_response(e)

@@ -61,7 +61,8 @@ async def create_chat_completion(request: Request) -> Response:
         if req.response_format is not None and req.json_schema is None:
             rename.update(json_schema="response_format", json_object="response_format")
         group = await RequestGroup.open(
-            state.engine, new_id("chatcmpl"), state.groups, [Prompt(messages=messages)], [params], req.n
+            state.engine, new_id("chatcmpl"), state.groups, [Prompt(messages=messages)], [params], req.n,
+            stream=bool(req.stream),
         )
     except Exception as e:
         return error_response(e, rename)

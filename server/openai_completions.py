@@ -65,7 +65,8 @@ async def create_completion(request: Request) -> Response:
             prompt_logprobs=req.logprobs if req.echo else None,
         )
         group = await RequestGroup.open(
-            state.engine, new_id("cmpl"), state.groups, prompts, [params] * len(prompts), req.n
+            state.engine, new_id("cmpl"), state.groups, prompts, [params] * len(prompts), req.n,
+            stream=bool(req.stream),
         )
     except Exception as e:
         return error_response(e, RENAME)
