@@ -16,7 +16,9 @@
 #   offline_4gpu    Qwen offline TP4, DP4, then TP2 + DP2
 #   constrained     bench_constrained on card 0 (jump-forward on/off, batch-64 mask overhead)
 #   shared_prefix   64 groups x 16 prompts (2048-token system prompt, 128 question, 256 out), radix cache on
-#                   and off, up to 1024 requests running, on card 0
+#                   and off (CACHE="on" for one), up to 1024 requests running, on card 0
+#   serving         the online run of `single` alone, on card 0
+#   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
@@ -97,13 +99,17 @@ for stage in "$@"; do
     constrained)
       job 0 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL ;;
     shared_prefix)
-      for cache in on off; do
+      for cache in ${CACHE:-on off}; do
         flag=""; [ $cache = off ] && flag=--disable-radix-cache
         job 0 shared_prefix_$cache $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
           --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
           --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
           --max-running-requests 1024 $flag
       done ;;
+    serving)
+      serving 0 ;;
+    offline)
+      offline 0 llama_offline "$LLAMA" ;;
     trace_bs1)
       job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
         --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;
