@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from radixserve.actors.constrained_steps import ConstrainedSteps, i32
 from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.kv_manager import KVManager
 from radixserve.actors.logprob_records import append_prompt_logprobs, token_logprobs_of_rows
@@ -39,7 +40,6 @@ from radixserve.actors.messages import (
 from radixserve.actors.request_state import Req, ReqStatus
 from radixserve.actors.schedule_policy import order_waiting
 from radixserve.outputs import FinishReason
-
 
 # Prompt tokens that identify a shared head (a system prompt) for admission's hold-back (see
 # SchedulerCore._prompt_heads_being_computed); SGLang checks in-batch prefixes at 32 tokens too.
@@ -83,10 +83,10 @@ class SchedulerCore:
         self.grammars = grammars
         # Per step: the bitmasks of the constrained sampling rows; per row: jump-forward output edits of
         # requests with penalties, sent with the next plan.
-        self._bitmask = np.zeros((0, 0), dtype=np.int32)
         self._appended: dict[int, list[AppendedTokens]] = {}
         self._step_mask: StepMask | None = None  # for the step after the last applied one
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
+        self.constrained = ConstrainedSteps(grammars, self.kv, self._appended)
         self.reqs: dict[str, Req] = {}
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # admitted and not yet released (finished ones may still be in flight)
@@ -101,8 +101,6 @@ class SchedulerCore:
         self.num_forward_steps = 0
         self.num_prompt_tokens = 0  # prompts admitted (first admission only) ...
         self.num_cached_prompt_tokens = 0  # ... and how much of them the radix tree already held
-        self.num_jump_forward_tokens = 0  # output tokens appended by jump-forward (net of re-tokenization)
-        self.num_grammar_rejections = 0  # sampled tokens a matcher refused (only a -inf logit_bias can)
 
     # ------------------------------------------------------------------------------------------ inputs
 
@@ -114,7 +112,7 @@ class SchedulerCore:
         if msg.params.constraint is not None:
             assert self.grammars is not None, "a constrained request reached a scheduler without grammars"
             req.grammar = self.grammars.new_state(msg.params)
-            self._jump_forward(req, reserve=1)  # text forced from the start joins the prompt's extend
+            self.constrained.jump_forward(req, self.cfg, reserve=1)  # forced text joins the prompt's extend
         self.reqs[req.rid] = req
         self.waiting.append(req)
 
@@ -324,41 +322,32 @@ class SchedulerCore:
         self._appended.clear()
         return StepPlan(
             step=step,
-            req_rows=_i32(req_rows),
-            seq_lens=_i32(seq_lens),
-            extend_lens=_i32(extend_lens),
-            prev_rows=_i32(prev_rows),
+            req_rows=i32(req_rows),
+            seq_lens=i32(seq_lens),
+            extend_lens=i32(extend_lens),
+            prev_rows=i32(prev_rows),
             sample_mask=np.asarray(sample_mask, dtype=np.uint8).tobytes(),
-            output_lens=_i32(output_lens),
-            input_ids=_i32(input_ids),
+            output_lens=i32(output_lens),
+            input_ids=i32(input_ids),
             out_slots=all_slots.astype("<i4", copy=False).tobytes(),
             new_requests=new_requests,
             released_rows=released,
             prompt_logprob_rows=prompt_lp,
-            grammar_rows=_i32(grammar_rows) if grammar_rows else b"",
-            grammar_bitmask=b"" if record.mask_follows else self._fill_bitmasks(record.constrained, step),
+            grammar_rows=i32(grammar_rows) if grammar_rows else b"",
+            grammar_bitmask=b"" if record.mask_follows else self.constrained.bitmasks(record.constrained, step),
             grammar_mask_follows=record.mask_follows,
             appended_tokens=appended,
         )
 
-    def _fill_bitmasks(self, reqs: list[Req], step: int) -> bytes:
-        """The bitmasks of `reqs`' rows in `step`; a row whose sample will be dropped allows every token."""
-        if not reqs:
-            return b""
-        assert self.grammars is not None
-        if self._bitmask.shape[0] < len(reqs):
-            rows = max(len(reqs), 2 * self._bitmask.shape[0])
-            self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
-        states, rows = [], []
-        for g, req in enumerate(reqs):
-            assert req.grammar is not None
-            if req.finished or req.discard_step == step:
-                self._bitmask[g] = -1
-            else:
-                states.append(req.grammar)
-                rows.append(g)
-        self.grammars.fill_bitmasks(states, self._bitmask, rows)
-        return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
+    @property
+    def num_jump_forward_tokens(self) -> int:
+        """Output tokens appended by jump-forward (net of re-tokenization)."""
+        return self.constrained.num_jump_forward_tokens
+
+    @property
+    def num_grammar_rejections(self) -> int:
+        """Sampled tokens a matcher refused (only a -inf logit_bias can cause one)."""
+        return self.constrained.num_grammar_rejections
 
     def take_step_mask(self) -> StepMask | None:
         """After `apply`: the bitmasks of the next step in flight when its plan said they follow. Send it to
@@ -369,11 +358,11 @@ class SchedulerCore:
     def _new_request(self, req: Req) -> NewRequest:
         penalty_ids = b""
         if req.params.needs_penalties:
-            penalty_ids = _i32(req.tokens())
+            penalty_ids = i32(req.tokens())
         return NewRequest(
             req_row=req.row,
             params=req.params,
-            prefix_slots=_i32(req.slots[: req.prefix_len]),
+            prefix_slots=i32(req.slots[: req.prefix_len]),
             penalty_ids=penalty_ids,
             num_output_ids=len(req.output_ids),
         )
@@ -393,12 +382,9 @@ class SchedulerCore:
                 append_prompt_logprobs(req.prompt_logprobs, req.prompt_ids, prompt_lps[b])
             if record.sampled[b] and req.discard_step == record.step:
                 req.pending_step = req.pending_row = req.discard_step = -1
-                if req.params.needs_penalties and req.row >= 0:  # the worker counted the dropped sample
-                    edit = AppendedTokens(req.row, b"", _i32([int(tokens[b])]))
-                    self._appended.setdefault(req.row, []).append(edit)
                 if not req.finished:
-                    self._jump_after_discard(req)
-                    touched.append(req)
+                    touched.append(req)  # the jump may finish it: its update goes out either way
+                self.constrained.after_dropped_sample(req, int(tokens[b]), self.cfg)
             elif record.sampled[b]:
                 token = int(tokens[b])
                 req.output_ids.append(token)
@@ -408,13 +394,13 @@ class SchedulerCore:
                     if b in logprobs:
                         req.output_logprobs.append(logprobs[b])
                     if req.grammar is not None and not req.grammar.accept(token):
-                        self._grammar_rejected(req, token)
+                        self.constrained.reject(req, token)
                     elif token in req.stop_ids or (req.grammar is not None and req.grammar.terminated):
                         req.finish(FinishReason.STOP, token)
                     elif len(req.output_ids) >= req.max_new_tokens:
                         req.finish(FinishReason.LENGTH)
                     elif req.grammar is not None and not req.grammar.last_was_forced:
-                        self._after_constrained_sample(req)
+                        self.constrained.after_sample(req, self.cfg)
                     touched.append(req)
             elif record.prompt_done[b] and req.max_new_tokens == 0 and not req.finished:
                 req.finish(FinishReason.LENGTH)
@@ -427,74 +413,9 @@ class SchedulerCore:
         self.new_token_ratio = max(self.cfg.min_new_token_ratio, decayed)
         if self._issued and self._issued[0].mask_follows:
             following = self._issued[0]
-            self._step_mask = StepMask(following.step, self._fill_bitmasks(following.constrained, following.step))
+            bitmasks = self.constrained.bitmasks(following.constrained, following.step)
+            self._step_mask = StepMask(following.step, bitmasks)
         return [self._update(req) for req in touched]
-
-    # ------------------------------------------------------------------------------------------ grammars
-
-    def _after_constrained_sample(self, req: Req) -> None:
-        """Jump-forward now if nothing of `req` is in flight; else, when its grammar forces text, drop the
-        sample of the step in flight (which decodes the token just applied) and jump once it is back."""
-        assert req.grammar is not None
-        if req.inflight == 0:
-            self._jump_forward(req)
-        elif req.grammar.forces_text():
-            # In flight means planned in the next step, as a decode row that samples (it had a pending sample).
-            assert req.pending_step >= 0 and req.inflight == 1, "a constrained request in flight without a sample"
-            req.discard_step = req.pending_step
-
-    def _jump_after_discard(self, req: Req) -> None:
-        """The step whose sample `req` dropped computed the KV of its last token: jump-forward now. Should the
-        jump append nothing after all, that token's KV is dropped so that it is decoded (and sampled) again."""
-        self._jump_forward(req)
-        if not req.finished and req.planned_len == req.num_tokens:
-            self.kv.truncate(req, req.planned_len - 1)
-
-    def _jump_forward(self, req: Req, reserve: int = 0) -> None:
-        """After the model chose a token: append the text `req`'s grammar now forces (GrammarState.
-        jump_forward); the next plan computes it as an extend chunk. Re-tokenized tail tokens whose KV was
-        computed give their slots back. With --disable-jump-forward the same tokens are decoded one per step.
-
-        NOTE: forced text gets the tokenizer's tokens either way. Left to pick under the mask, a model spells
-        forced keys in odd pieces ("h" "os" "t" "n" "am" "e" for "hostname") and derails; with the same
-        tokens, jump-forward changes only the number of forward passes, not the output. `reserve`: output
-        tokens to leave to the model.
-        """
-        assert req.grammar is not None and req.inflight == 0 and req.pending_step < 0
-        # The tail: output tokens not streamed yet (what was streamed is never rewritten), within the window,
-        # and past the cached prefix (the radix tree owns those slots).
-        first = max(req.num_reported, len(req.output_ids) - self.cfg.jump_forward_window,
-                    req.prefix_len - len(req.prompt_ids), 0)
-        logprobs = req.params.logprobs is not None
-        if logprobs:
-            first = len(req.output_ids)  # a sampled token keeps its logprob: never re-tokenized
-        jump = req.grammar.jump_forward(req.output_ids[first:], req.max_new_tokens - reserve - first)
-        if jump is None:
-            return
-        keep = first + jump.num_kept
-        removed = req.output_ids[keep:]
-        if self.cfg.disable_jump_forward or logprobs:  # forced tokens need their logprobs computed too
-            # A replaced sample is replaced at once (it was never computed); the rest one per step.
-            appended = jump.tokens[:1] if removed else []
-            req.grammar.force(jump.tokens[len(appended):])
-        else:
-            appended = jump.tokens
-            self.num_jump_forward_tokens += len(appended) - len(removed)
-        req.output_ids[keep:] = appended
-        if req.planned_len > len(req.prompt_ids) + keep:
-            self.kv.truncate(req, len(req.prompt_ids) + keep)
-        if req.params.needs_penalties and req.row >= 0 and (appended or removed):
-            edit = AppendedTokens(req.row, _i32(appended), _i32(removed))
-            self._appended.setdefault(req.row, []).append(edit)
-        if len(req.output_ids) >= req.max_new_tokens:
-            req.finish(FinishReason.LENGTH)
-
-    def _grammar_rejected(self, req: Req, token: int) -> None:
-        """The mask allowed no token (a -inf logit_bias on all the grammar allows): fail this request only."""
-        self.num_grammar_rejections += 1
-        req.output_ids.pop()  # never computed: it was this step's sample
-        req.error = f"the grammar allows no token here that logit_bias leaves possible (sampled {token})"
-        req.finish(FinishReason.ABORT)
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -569,5 +490,3 @@ def _prompt_head(req: Req) -> tuple[int, ...] | None:
     return tuple(req.prompt_ids[:HEAD])
 
 
-def _i32(values: list[int]) -> bytes:
-    return np.asarray(values, dtype="<i4").tobytes()
