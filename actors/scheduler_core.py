@@ -81,8 +81,8 @@ class SchedulerCore:
     def __init__(self, cfg: SchedulerConfig, grammars: GrammarCache | None = None) -> None:
         self.cfg = cfg
         self.grammars = grammars
-        # Per step: the bitmasks of the constrained sampling rows; per row: jump-forward output edits of
-        # requests with penalties, sent with the next plan.
+        # Per row: output edits (jump-forward, dropped samples) of requests with penalties, sent with the
+        # next plan.
         self._appended: dict[int, list[AppendedTokens]] = {}
         self._step_mask: StepMask | None = None  # for the step after the last applied one
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
