@@ -45,15 +45,14 @@ class ConstrainedSteps:
         if self._bitmask.shape[0] < len(reqs):
             rows = max(len(reqs), 2 * self._bitmask.shape[0])
             self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
-        states, filled = [], []
+        # NOTE: one matcher at a time: a mask from xgrammar's cache takes ~3 us, less than handing the batch to
+        # its threads (BatchGrammarMatcher) costs (measured with 64 JSON and character-class matchers).
         for g, req in enumerate(reqs):
             assert req.grammar is not None
             if req.finished or req.discard_step == step:
                 self._bitmask[g] = -1
             else:
-                states.append(req.grammar)
-                filled.append(g)
-        self.grammars.fill_bitmasks(states, self._bitmask, filled)
+                req.grammar.fill_bitmask(self._bitmask, g)
         return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
 
     def after_sample(self, req: Req, cfg: SchedulerConfig) -> None:

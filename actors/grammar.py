@@ -72,7 +72,6 @@ class GrammarCache:
         self.prefix_space = False  # a SentencePiece-style tokenizer: jump-forward is off (see jump_forward)
         self.num_compiles = 0
         self.num_late_compiles = 0
-        self._batch_filler: Any = None  # xgrammar's BatchGrammarMatcher: masks of many matchers on threads
 
     @property
     def bitmask_words(self) -> int:
@@ -92,25 +91,6 @@ class GrammarCache:
             self.num_late_compiles += 1
             compiled = self.compile(key)
         return GrammarState(compiled, self)
-
-    def fill_bitmasks(self, states: Sequence[GrammarState], bitmask: np.ndarray, rows: Sequence[int]) -> None:
-        """GrammarState.fill_bitmask of each state into its row, the matchers' masks filled together on
-        xgrammar's threads (one GIL-free call instead of one per request)."""
-        matchers, matcher_rows = [], []
-        for state, row in zip(states, rows, strict=True):
-            if state.forced:
-                state.fill_bitmask(bitmask, row)
-            else:
-                matchers.append(state.matcher)
-                matcher_rows.append(row)
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(bitmask, matcher_rows[0])
-        elif matchers:
-            if self._batch_filler is None:
-                import xgrammar as xgr
-
-                self._batch_filler = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
-            self._batch_filler.batch_fill_next_token_bitmask(matchers, bitmask, matcher_rows)
 
     def compile(self, key: GrammarKey) -> Any:
         """The compiled grammar of `key` (blocking). Concurrent calls for one key compile it once."""

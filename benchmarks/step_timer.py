@@ -140,8 +140,16 @@ class StepTimer:
         self.profiled[1] = step
         self.profiler.stop()
         Path(self.cfg.trace_path).parent.mkdir(parents=True, exist_ok=True)
-        self.profiler.export_chrome_trace(self.cfg.trace_path)
+        self.profiler.export_chrome_trace(self.trace_path)
         self.profiler = None
+
+    @property
+    def trace_path(self) -> str:
+        """The configured path for tensor-parallel rank 0 (and one GPU); other ranks add `.rank<r>`."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self.cfg.trace_path if rank == 0 else f"{self.cfg.trace_path}.rank{rank}"
 
     # -- results -------------------------------------------------------------------------------------------
 
@@ -161,7 +169,7 @@ class StepTimer:
             "columns": ["step", "rows", "tokens", "begin_ms", "launch_ms", "end_ms",
                         "host_begin_ms", "host_launch_ms", "host_end_ms"],
             "steps": steps,
-            "trace": self.cfg.trace_path if self.cfg.profile_steps else None,
+            "trace": self.trace_path if self.cfg.profile_steps else None,
             "profiled_steps": self.profiled,
         }
         path.write_text(json.dumps(body), encoding="utf-8")
