@@ -101,6 +101,7 @@ class SchedulerCore:
         self.num_forward_steps = 0
         self.num_prompt_tokens = 0  # prompts admitted (first admission only) ...
         self.num_cached_prompt_tokens = 0  # ... and how much of them the radix tree already held
+        self.num_masks_after_plan = 0  # steps whose grammar masks followed their plan (StepMask)
 
     # ------------------------------------------------------------------------------------------ inputs
 
@@ -415,6 +416,7 @@ class SchedulerCore:
             following = self._issued[0]
             bitmasks = self.constrained.bitmasks(following.constrained, following.step)
             self._step_mask = StepMask(following.step, bitmasks)
+            self.num_masks_after_plan += 1
         return [self._update(req) for req in touched]
 
     # ------------------------------------------------------------------------------------------ internals

@@ -132,6 +132,7 @@ async def test_json_schemas_validate_and_jump_forward_keeps_texts(engine: Engine
     set_jump_forward(engine, True)
     assert texts[True] == texts[False]
     assert core.num_grammar_rejections == 0
+    assert core.num_masks_after_plan > 0, "constrained rows never rode an overlapped step"
 
 
 async def test_jump_forward_saves_forward_passes(engine: Engine) -> None:

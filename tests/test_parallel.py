@@ -8,6 +8,7 @@ other replica keeps serving.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import sys
 import time
@@ -113,7 +114,24 @@ async def test_tp2_matches_tp1(
         params = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8}
         for p in prompts:
             assert len((await engine.generate(input_ids=p, sampling_params=params)).token_ids) == 8
+        # Constrained requests under overlap: their masks follow the plans (StepMask) to both ranks.
+        regex = r"(cat|dog)s? (and|or) [a-z]{2,6}"
+        outs = await greedy_constrained(engine, prompts, {"regex": regex, "max_new_tokens": 24})
+        assert all(re.fullmatch(regex, out) for out in outs), outs
+        assert engine.schedulers[0].core.num_masks_after_plan > 0, "no constrained step was overlapped"
         await engine.check_integrity()
+
+
+async def greedy_constrained(engine: Engine, prompts: list[list[int]], params: dict[str, object]) -> list[str]:
+    outs = [""] * len(prompts)
+
+    async def one(i: int) -> None:
+        outs[i] = (await engine.generate(input_ids=prompts[i], sampling_params={"temperature": 0, **params})).text
+
+    async with anyio.create_task_group() as tg:  # together: the constrained rows share overlapped steps
+        for i in range(len(prompts)):
+            tg.start_soon(one, i)
+    return outs
 
 
 async def test_tp3_default_model_matches_tp1(smollm_tokenizer) -> None:
