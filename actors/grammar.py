@@ -222,7 +222,11 @@ class GrammarState:
 
     def forces_text(self) -> bool:
         """Whether `jump_forward` may find text to append now (it can still decline: see there)."""
-        return not self.cache.prefix_space and bool(self.matcher.find_jump_forward_string())
+        return bool(self._forced_text())
+
+    def _forced_text(self) -> str:
+        """The text the grammar forces next; "" when none, or when jump-forward is off for this tokenizer."""
+        return "" if self.cache.prefix_space else str(self.matcher.find_jump_forward_string())
 
     def jump_forward(self, tail: list[int], budget: int) -> JumpForward | None:
         """Tokens for the text the grammar forces next, or None when it forces nothing (or it cannot be
@@ -236,8 +240,8 @@ class GrammarState:
         grammar can end after it: it may merge with what the model writes next (`: ` + `12` is ` 1` `2`, not
         ` ` `1` `2`), and a token boundary the tokenizer would never produce derails a model.
         """
-        forced = self.matcher.find_jump_forward_string()
-        if not forced or self.cache.prefix_space:
+        forced = self._forced_text()
+        if not forced:
             return None
         old_text = self.cache.decode(tail)
         if "\ufffd" in old_text:  # the tail splits a character: re-tokenize the forced text alone

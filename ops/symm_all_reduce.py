@@ -21,7 +21,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # Largest tensor sent one-shot, by world size: each rank reads (world - 1) peers' copies, so the crossover
-# with NCCL's ring falls as the group grows (measured with benchmarks/bench_all_reduce.py).
+# with NCCL's ring falls as the group grows. benchmarks/bench_all_reduce.py on 4x H200 (2026-11-27): one-shot
+# still ahead at 4 MiB with 2 ranks and at 2 MiB with 4 (NCCL ahead at 4 MiB); these limits stay below that.
+# 8 ranks: not measured.
 ONE_SHOT_MAX_BYTES = {2: 2 << 20, 4: 1 << 20, 8: 512 << 10}
 _ALIGN = 16  # bytes: the kernel's widest vector; smaller alignments work but are slower
 
