@@ -5,7 +5,8 @@ graph). A decode batch of B rows replays the graph of the smallest captured size
 write only the padding slot 0 through the reserved request row `pad_row`, whose table entries are all 0.
 
 Static inputs live in one place (this object); before a replay the runner copies the step's inputs into them
-and re-plans the attention wrapper of that size (host work, outside the graph).
+and re-plans the attention wrapper of that size (host work, outside the graph): `stage` does all but the token
+ids, which may be the previous step's samples, and `replay` copies those and launches the graph.
 """
 
 from __future__ import annotations
@@ -93,19 +94,20 @@ class CudaGraphRunner:
         i = bisect.bisect_left(self.sizes, num_rows)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def replay(
+    def stage(
         self,
-        input_ids: torch.Tensor,  # [B] int64
-        positions: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B] int64
         out_slots: torch.Tensor,  # [B]
         req_rows: torch.Tensor,  # [B]
         seq_lens: torch.Tensor,  # [B] int32
         seq_lens_cpu: tuple[int, ...],
-    ) -> torch.Tensor:  # [B, vocab] float32 logits
+    ) -> int:
+        """Copy a decode step's inputs but its token ids into the static buffers and plan the attention
+        wrapper of its padded size; returns that size. Stream-ordered after the graph replayed last (whose
+        buffers these are), so it may run while that replay is still queued."""
         num_rows = len(seq_lens_cpu)
         bs = self.padded_size(num_rows)
         assert bs is not None, f"no CUDA graph for batch size {num_rows}"
-        self.input_ids[:num_rows].copy_(input_ids)
         self.positions[:num_rows].copy_(positions)
         self.out_slots[:num_rows].copy_(out_slots)
         self.req_rows[:num_rows].copy_(req_rows)
@@ -120,5 +122,11 @@ class CudaGraphRunner:
         batch = self._batch(bs, padded_lens)
         indices = gather_kv_indices(batch, sum(padded_lens)).to(torch.int32)  # plan copies it into kv_indices
         self.backend.plan_decode(self.wrappers[bs], batch, indices)
+        return bs
+
+    def replay(self, bs: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the graph of size `bs` staged last, on these token ids; [B, vocab] float32 logits."""
+        num_rows = len(input_ids)
+        self.input_ids[:num_rows].copy_(input_ids)
         self.graphs[bs].replay()
         return self.logits[bs][:num_rows]

@@ -18,12 +18,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from radixserve.actors.cuda_graph_runner import CudaGraphRunner
 from radixserve.actors.mailbox import BlockingSocketMailbox, MailboxClosed
 from radixserve.actors.messages import (
     InitWorker,
@@ -35,8 +35,7 @@ from radixserve.actors.messages import (
     WorkerInbox,
     WorkerReady,
 )
-from radixserve.actors.cuda_graph_runner import CudaGraphRunner
-from radixserve.actors.model_runner import ModelRunner, PendingStep
+from radixserve.actors.model_runner import LaunchedStep, ModelRunner, PendingStep, PreparedStep
 from radixserve.errors import UnsupportedFeatureError
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
 from radixserve.models.loader import load_model
@@ -44,8 +43,8 @@ from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBacke
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend
 from radixserve.ops.parallel import TPGroup
-from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
 from radixserve.ops.sampler import Sampler
+from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
 
 # Set to a path prefix: the worker profiles its whole serve loop with cProfile and writes PATH.<pid> at shutdown.
 PROFILE_ENV = "RADIXSERVE_WORKER_PROFILE"
@@ -153,12 +152,12 @@ class TokenAgreementCheck:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
 
-    def step(self, plan: StepPlan, receive_mask: Callable[[int], bytes] | None = None) -> Any:
-        pending = self.runner.step(plan, receive_mask)
+    def finish(self, launched: LaunchedStep, bitmask: bytes | None = None) -> PendingStep:
+        pending = self.runner.finish(launched, bitmask)
         tokens = torch.frombuffer(bytearray(pending.result().tokens), dtype=torch.int32)
         ranks = self.tp.all_gather(tokens.to(self.runner.device).unsqueeze(0), dim=0)  # [tp, B]
         if not bool((ranks == ranks[0]).all()):
-            raise RuntimeError(f"step {plan.step}: the tensor-parallel ranks sampled different tokens")
+            raise RuntimeError(f"step {launched.prep.plan.step}: the tensor-parallel ranks sampled different tokens")
         return pending
 
 
@@ -187,10 +186,6 @@ def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, devic
     raise UnsupportedFeatureError(
         f"attention backend {name!r} is not built (available: flashinfer, triton, torch)"
     )
-
-
-class _ShutdownDuringStep(Exception):
-    """The engine shut down while a step waited for its grammar masks."""
 
 
 class ResultSender:
@@ -231,42 +226,57 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
     mailbox.send(ready)
     sender = ResultSender(mailbox) if rank == 0 and runner.device.type == "cuda" else None
 
-    def receive_mask(step: int) -> bytes:
-        """The StepMask of `step`, the next message by protocol (the scheduler sends it before later plans)."""
-        msg = mailbox.receive()
-        if isinstance(msg, Shutdown):
-            raise _ShutdownDuringStep
-        if not isinstance(msg, StepMask) or msg.step != step:
-            raise RuntimeError(f"expected the grammar masks of step {step}, got {msg!r:.80}")
-        return msg.bitmask
+    # A step launched and waiting for its grammar masks, and a plan that arrived meanwhile (prepared, to be
+    # launched right after that step samples). The scheduler sends at most one plan between a step's plan
+    # and its masks: the plan after that one needs this step's result.
+    waiting: LaunchedStep | None = None
+    held: PreparedStep | None = None
+
+    def finished(pending: PendingStep) -> None:
+        if sender is not None:
+            sender.submit(pending)
+        elif rank == 0:
+            mailbox.send(pending.result())
+
+    def launch(prepared: PreparedStep) -> LaunchedStep | None:
+        """Launch a prepared step and finish it unless it waits for its masks (then return it)."""
+        launched = runner.launch(prepared)
+        if runner.needs_mask(launched):
+            return launched
+        finished(runner.finish(launched))
+        return None
 
     while True:
         msg = mailbox.receive()
-        match msg:
-            case StepPlan():
-                try:
-                    pending = runner.step(msg, receive_mask)
-                except _ShutdownDuringStep:
+        step = msg.step if isinstance(msg, StepPlan | StepMask) else -1
+        try:
+            match msg:
+                case StepPlan() if waiting is not None:
+                    if held is not None:
+                        raise RuntimeError(f"step {step} arrived before the grammar masks of step "
+                                           f"{waiting.prep.plan.step}, after step {held.plan.step}")
+                    held = runner.prepare(msg)
+                case StepPlan():
+                    waiting = launch(runner.prepare(msg))
+                case StepMask():
+                    if waiting is None or waiting.prep.plan.step != step:
+                        raise RuntimeError(f"grammar masks for step {step} arrived outside their step")
+                    finished(runner.finish(waiting, msg.bitmask))
+                    waiting = None
+                    if held is not None:
+                        step, prepared, held = held.plan.step, held, None
+                        waiting = launch(prepared)
+                case Shutdown():
                     if sender is not None:
                         sender.close()
                     return
-                except Exception as e:
-                    mailbox.send(WorkerFailed(rank, f"step {msg.step} failed: {type(e).__name__}: {e}"))
-                    raise
-                if sender is not None:
-                    sender.submit(pending)
-                elif rank == 0:
-                    mailbox.send(pending.result())
-            case Shutdown():
-                if sender is not None:
-                    sender.close()
-                return
-            case InitWorker():
-                raise RuntimeError("InitWorker received twice")
-            case StepMask():
-                raise RuntimeError(f"grammar masks for step {msg.step} arrived outside their step")
-            case _:
-                raise RuntimeError(f"unexpected message {type(msg).__name__}")
+                case InitWorker():
+                    raise RuntimeError("InitWorker received twice")
+                case _:
+                    raise RuntimeError(f"unexpected message {type(msg).__name__}")
+        except Exception as e:
+            mailbox.send(WorkerFailed(rank, f"step {step} failed: {type(e).__name__}: {e}"))
+            raise
 
 
 def connect_tcp(address: str, timeout: float) -> socket.socket:

@@ -5,13 +5,14 @@ Per step, the host sends the device one packed int64 array (all the plan's integ
 sampled tokens (plus logprobs when asked). `step()` returns a PendingStep whose `result()` blocks until the
 copy is done; the worker calls it from a sender thread so that it can already launch the next step.
 
-A plan with `grammar_mask_follows` gets its grammar bitmasks later (StepMask): `step()` asks `receive_mask`
-for them after the forward pass is launched, so the scheduler computes them while the GPU works.
+A step is prepared (host work and everything that does not read the previous step's samples), launched
+(forward pass queued) and finished (masked, sampled, results on their way to the host). A plan with
+`grammar_mask_follows` gets its grammar bitmasks later (StepMask): the worker launches it, prepares the next
+plan while the scheduler computes the masks, and finishes the step when they arrive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,29 @@ class PendingStep:
         )
 
 
+@dataclass(slots=True)
+class PreparedStep:
+    """A plan whose inputs are on the device; its decode rows still need the previous step's samples."""
+
+    plan: StepPlan
+    attn: AttentionBatch
+    input_ids: torch.Tensor  # [T] int64; entries prev_at are filled from last_tokens[prev_idx] at launch
+    positions: torch.Tensor  # [T]
+    prev_at: torch.Tensor
+    prev_idx: torch.Tensor
+    sample_rows: np.ndarray
+    starts: np.ndarray  # [B] offset of each row's first new token
+    extend_lens: np.ndarray
+    graph_size: int | None  # the CUDA graph staged for this step, or None for an eager forward
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    prep: PreparedStep
+    hidden: torch.Tensor | None  # [T, hidden] (eager steps: prompt logprobs read it)
+    logits: torch.Tensor | None  # [sampled rows, vocab]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -106,16 +130,16 @@ class ModelRunner:
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
 
     def _token_bitmask(
-        self, plan: StepPlan, sample_rows: np.ndarray, receive_mask: Callable[[int], bytes] | None
+        self, plan: StepPlan, sample_rows: np.ndarray, bitmask: bytes | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The grammar-constrained rows (among the sampled rows) and their bitmasks, on the device."""
         if not plan.grammar_rows:
             return None
-        bitmask = plan.grammar_bitmask
         if plan.grammar_mask_follows:
-            if receive_mask is None:
-                raise RuntimeError(f"step {plan.step}: its grammar masks follow, but no mask source was given")
-            bitmask = receive_mask(plan.step)
+            if bitmask is None:
+                raise RuntimeError(f"step {plan.step}: its grammar masks follow, but none were given")
+        else:
+            bitmask = plan.grammar_bitmask
         rows = np.searchsorted(sample_rows, _arr(plan.grammar_rows, "<i4"))
         words = _arr(bitmask, "<i4").reshape(len(rows), -1)
         # A copy from pageable memory would make the host wait for the device: stage it in pinned memory.
@@ -123,8 +147,17 @@ class ModelRunner:
         host.numpy()[:] = words
         return to_device(rows.tolist(), torch.int64, self.device), host.to(self.device, non_blocking=True)
 
+    def step(self, plan: StepPlan, bitmask: bytes | None = None) -> PendingStep:
+        """prepare, launch and finish in one go (`bitmask`: the StepMask of a plan whose masks follow)."""
+        return self.finish(self.launch(self.prepare(plan)), bitmask)
+
     @torch.inference_mode()
-    def step(self, plan: StepPlan, receive_mask: Callable[[int], bytes] | None = None) -> PendingStep:
+    def prepare(self, plan: StepPlan) -> PreparedStep:
+        """Everything of `plan` that does not read the previous step's samples: host work, the inputs' copy,
+        KV-table writes, new requests' sampler state and, for a CUDA-graph step, the attention plan. The
+        worker calls it while the step before waits for its grammar masks: it may run before that step
+        samples, so it must not touch a row that step samples (rows are released only once no step in
+        flight holds them, and penalty edits concern rows that are not sampled in the step in flight)."""
         self._start_requests(plan.new_requests, plan.released_rows, plan.appended_tokens)
         req_rows = _arr(plan.req_rows, "<i4")
         seq_lens = _arr(plan.seq_lens, "<i4")
@@ -145,34 +178,56 @@ class ModelRunner:
         input_ids, positions_t, out_slots, token_rows, rows_t, seq_t, ext_t, starts_t, prev_at, prev_idx = (
             torch.split(packed, [len(c) for c in columns])
         )
-        if len(from_prev):
-            input_ids[prev_at] = self.last_tokens[prev_idx]
         self.table.write(token_rows, positions_t, out_slots)
-
         attn = AttentionBatch(
             req_rows=rows_t, seq_lens=seq_t.to(torch.int32), extend_lens=ext_t.to(torch.int32),
             extend_starts=starts_t.to(torch.int32), out_slots=out_slots, req_to_token=self.table.table,
             seq_lens_cpu=tuple(seq_lens.tolist()), extend_lens_cpu=tuple(extend_lens.tolist()),
             is_decode=T == B,
         )
-        hidden = None
+        graph_size = None
         if attn.is_decode and self.graphs is not None and self.graphs.padded_size(B) is not None:
-            logits = self.graphs.replay(input_ids, positions_t, out_slots, rows_t, attn.seq_lens, attn.seq_lens_cpu)
+            graph_size = self.graphs.stage(positions_t, out_slots, rows_t, attn.seq_lens, attn.seq_lens_cpu)
+        return PreparedStep(plan, attn, input_ids, positions_t, prev_at, prev_idx, sample_rows, starts,
+                            extend_lens, graph_size)
+
+    @torch.inference_mode()
+    def launch(self, prep: PreparedStep) -> LaunchedStep:
+        """Gather the previous step's samples into the inputs and queue the forward pass and the logits."""
+        if len(prep.prev_at):
+            prep.input_ids[prep.prev_at] = self.last_tokens[prep.prev_idx]
+        attn, sample_rows, B = prep.attn, prep.sample_rows, prep.attn.num_rows
+        hidden = logits = None
+        if prep.graph_size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.replay(prep.graph_size, prep.input_ids)
             if len(sample_rows) != B:
                 logits = logits[torch.from_numpy(sample_rows).to(self.device)]
         else:
             self.backend.prepare(attn)
-            hidden = self.model(ForwardBatch(input_ids, positions_t, attn, self.backend))  # [T, hidden]
-            last = torch.from_numpy(starts[sample_rows] + extend_lens[sample_rows] - 1).to(self.device)
+            hidden = self.model(ForwardBatch(prep.input_ids, prep.positions, attn, self.backend))  # [T, hidden]
+            last = torch.from_numpy(prep.starts[sample_rows] + prep.extend_lens[sample_rows] - 1).to(self.device)
             logits = self.model.compute_logits(hidden[last]) if len(sample_rows) else None
+        return LaunchedStep(prep, hidden, logits)
 
+    def needs_mask(self, launched: LaunchedStep) -> bool:
+        """Whether `finish` needs this step's StepMask (its constrained rows decode a sample in flight)."""
+        plan = launched.prep.plan
+        return bool(plan.grammar_mask_follows and plan.grammar_rows)
+
+    @torch.inference_mode()
+    def finish(self, launched: LaunchedStep, bitmask: bytes | None = None) -> PendingStep:
+        """Mask, sample and start copying the results to the host."""
+        prep, logits, hidden = launched.prep, launched.logits, launched.hidden
+        plan, sample_rows, B = prep.plan, prep.sample_rows, prep.attn.num_rows
+        req_rows = _arr(plan.req_rows, "<i4")
         tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
         out = None
         if logits is not None and len(sample_rows):
             output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
             out = self.sampler.sample(
                 logits, req_rows[sample_rows].tolist(), output_lens,
-                self._token_bitmask(plan, sample_rows, receive_mask),
+                self._token_bitmask(plan, sample_rows, bitmask),
             )
             if len(sample_rows) == B:
                 tokens = out.tokens
@@ -182,8 +237,8 @@ class ModelRunner:
         prompt_lps = []
         for b, top_k, after in plan.prompt_logprob_rows:
             assert hidden is not None
-            prompt_lps.append((b, top_k, self._prompt_logprobs(hidden, input_ids, int(starts[b]),
-                                                               int(extend_lens[b]), top_k, after)))
+            prompt_lps.append((b, top_k, self._prompt_logprobs(hidden, prep.input_ids, int(prep.starts[b]),
+                                                               int(prep.extend_lens[b]), top_k, after)))
         if out is not None and out.logprobs is not None:
             out = SampleOutput(out.tokens, _host(out.logprobs), *(None if t is None else _host(t)
                                                                    for t in (out.top_ids, out.top_logprobs)))

@@ -62,6 +62,11 @@ class Scheduler:
                 plan = None if self.dead else self.core.schedule()
                 if plan is not None:
                     await self._send_to_workers(plan)
+                # The masks of the step in flight go right after the plan that follows it (if any): the
+                # workers wait for them before sampling, and prepare that plan meanwhile.
+                if (mask := self.core.take_step_mask()) is not None and not self.dead:
+                    await self._send_to_workers(mask)
+                if plan is not None:
                     continue
                 if self.idle:
                     self._on_idle()
@@ -81,10 +86,7 @@ class Scheduler:
                 await self._publish(self.core.abort(msg.rid, msg.reason))
             case StepResult():
                 if not self.dead:
-                    updates = self.core.apply(msg)
-                    if (mask := self.core.take_step_mask()) is not None:
-                        await self._send_to_workers(mask)  # the workers wait for it: before anything else
-                    await self._publish(updates)
+                    await self._publish(self.core.apply(msg))
             case FlushCache():
                 self._flush_requested = True
             case WorkerDied():

@@ -9,9 +9,9 @@ Constrained decoding (actors/grammar.py): each sampling row of a constrained req
 grammar's token bitmask; the sampled token is accepted by its matcher when the result is applied, and text
 the grammar then forces is appended (jump-forward), computed as an extend chunk. Under overlap a constrained
 request rides every step like any other: when its row's input is a sample still in flight, the mask cannot
-exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask as
-soon as that sample is applied (`take_step_mask`); the worker waits for them after launching the forward
-pass, so computing them hides under the GPU's work. Jump-forward needs the request quiet: when its grammar
+exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask once
+that sample is applied (`take_step_mask`), right after the next plan: the worker prepares that plan while it
+waits for the masks, and the masks' computation hides under the GPU's forward pass. Jump-forward needs the request quiet: when its grammar
 forces text after a sample whose successor step is already in flight, that successor's sample is dropped
 (`Req.discard_step`) and the jump happens when it returns.
 """
@@ -84,7 +84,9 @@ class SchedulerCore:
         # Per row: output edits (jump-forward, dropped samples) of requests with penalties, sent with the
         # next plan.
         self._appended: dict[int, list[AppendedTokens]] = {}
-        self._step_mask: StepMask | None = None  # for the step after the last applied one
+        # The step in flight right after the last applied one, when its plan said its masks follow: they are
+        # computed in take_step_mask, after the scheduler has sent its next plan (module docstring).
+        self._mask_due: _IssuedStep | None = None
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
         self.constrained = ConstrainedSteps(grammars, self.kv, self._appended)
         self.reqs: dict[str, Req] = {}
@@ -142,7 +144,7 @@ class SchedulerCore:
         self.waiting.clear()
         self.running.clear()
         self._issued.clear()
-        self._step_mask = None
+        self._mask_due = None
         return updates
 
     # ------------------------------------------------------------------------------------------ planning
@@ -351,10 +353,14 @@ class SchedulerCore:
         return self.constrained.num_grammar_rejections
 
     def take_step_mask(self) -> StepMask | None:
-        """After `apply`: the bitmasks of the next step in flight when its plan said they follow. Send it to
-        the workers before any later plan."""
-        mask, self._step_mask = self._step_mask, None
-        return mask
+        """After `apply`: the bitmasks of the next step in flight when its plan said they follow, computed now.
+        Send it to every worker before their next plan but one; the scheduler sends the plan `schedule()` makes
+        right after `apply` first, so that a worker prepares that plan while the masks are computed."""
+        due, self._mask_due = self._mask_due, None
+        if due is None:
+            return None
+        self.num_masks_after_plan += 1
+        return StepMask(due.step, self.constrained.bitmasks(due.constrained, due.step))
 
     def _new_request(self, req: Req) -> NewRequest:
         penalty_ids = b""
@@ -413,10 +419,7 @@ class SchedulerCore:
         decayed = self.new_token_ratio - self.cfg.new_token_ratio_decay
         self.new_token_ratio = max(self.cfg.min_new_token_ratio, decayed)
         if self._issued and self._issued[0].mask_follows:
-            following = self._issued[0]
-            bitmasks = self.constrained.bitmasks(following.constrained, following.step)
-            self._step_mask = StepMask(following.step, bitmasks)
-            self.num_masks_after_plan += 1
+            self._mask_due = self._issued[0]
         return [self._update(req) for req in touched]
 
     # ------------------------------------------------------------------------------------------ internals

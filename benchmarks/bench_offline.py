@@ -62,9 +62,14 @@ def sampling_params(req: BenchRequest, temperature: float) -> dict[str, Any]:
 
 
 async def run_requests(
-    engine: Engine, requests: list[BenchRequest], max_concurrency: int | None, temperature: float
+    engine: Engine,
+    requests: list[BenchRequest],
+    max_concurrency: int | None,
+    temperature: float,
+    extra_params: dict[str, Any] | None = None,
 ) -> list[tuple[int, int]]:
-    """Run every request; (output tokens, cached prompt tokens) of each, in order."""
+    """Run every request (sampling params plus `extra_params`); (output tokens, cached prompt tokens) of each,
+    in order."""
     results: list[tuple[int, int]] = [(0, 0)] * len(requests)
     limit = anyio.Semaphore(max_concurrency) if max_concurrency else None
 
@@ -72,7 +77,7 @@ async def run_requests(
         if limit is not None:
             await limit.acquire()
         try:
-            params = sampling_params(req, temperature)
+            params = {**sampling_params(req, temperature), **(extra_params or {})}
             out = await engine.generate(input_ids=req.input_ids, sampling_params=params)
             results[i] = (len(out.token_ids), out.usage.cached_tokens)
         finally:

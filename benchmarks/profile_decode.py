@@ -131,7 +131,7 @@ async def run_engine(args: argparse.Namespace) -> float:
             for _ in range(args.batch_size)
         ]
         start = time.perf_counter()
-        await run_requests(engine, requests, None, 0.0)
+        await run_requests(engine, requests, None, 0.0, {"ebnf": args.ebnf} if args.ebnf else None)
         return time.perf_counter() - start
 
 
@@ -190,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--skip-steps", type=int, default=16, help="steady decode steps left out first")
     parser.add_argument("--torch-profile-steps", type=int, default=0, help="decode steps in a Kineto trace")
+    parser.add_argument("--ebnf", default=None,
+                        help='constrain every request by this grammar (e.g. "root ::= [a-z ]*")')
     parser.add_argument("--max-idle-fraction", type=float, default=0.03, help="the pass mark")
     parser.add_argument("--result-dir", default=os.environ.get("OUT") or "bench_results")
     parser.add_argument("--seed", type=int, default=1)

@@ -20,6 +20,10 @@
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
+#   constrained_gaps  batch-64 decode, every request constrained by a grammar and none: step period and GPU
+#                   idle between steps (profile_decode), on card 0
+#   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then FlashInfer decode
+#                   with and without tensor cores, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few files).
@@ -127,6 +131,14 @@ for stage in "$@"; do
       offline 0,1,2,3 qwen_tp4_offline "$QWEN" --tp-size 4
       offline 0,1,2,3 qwen_dp4_offline "$QWEN" --dp-size 4
       offline 0,1,2,3 qwen_tp2dp2_offline "$QWEN" --tp-size 2 --dp-size 2 ;;
+    constrained_gaps)
+      for grammar in "" "root ::= [a-z ] root"; do
+        job 0 "constrained_gaps${grammar:+_ebnf}" $BENCH.profile_decode --model-path "$LLAMA" $MODEL \
+          --batch-size 64 --input-len 1024 --output-len 200 --skip-steps 20 ${grammar:+--ebnf "$grammar"}
+      done ;;
+    gemv)
+      job 0 gemv_linear $BENCH.bench_gemv --only linear
+      job 0 gemv_attention $BENCH.bench_gemv --only attention ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac

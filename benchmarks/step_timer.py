@@ -2,10 +2,10 @@
 
 Each step gets three marks, CUDA events recorded on the worker's stream (host clock on the CPU):
 
-    begin    the worker enters ModelRunner.step         (the event completes once the GPU is done with
+    begin    the worker enters ModelRunner.prepare      (the event completes once the GPU is done with
                                                          everything before it *and* the host got here)
-    launch   the step's inputs are on the device, just before its first kernel
-    end      step() returned: all of its work is queued  (completes when the GPU has finished the step)
+    launch   ModelRunner.launch: the inputs are on the device, the forward pass comes next
+    end      finish() returned: all of its work is queued (completes when the GPU has finished the step)
 
 On the GPU timeline, `launch[n+1] - end[n]` is the time the GPU had nothing of the model to run between step n
 and step n+1 (it includes the tiny host->device copy of the plan), and `launch[n+1] - launch[n]` is the step
@@ -14,7 +14,7 @@ Host-clock copies of the marks are kept too. Optionally a torch.profiler trace (
 the host is not slowed down) covers `profile_steps` decode steps of at least `min_rows` rows after
 `profile_skip` of them.
 
-The worker has no hook for this yet: `install()` patches ModelRunner.step and ReqToTokenTable.write from a
+The worker has no hook for this yet: `install()` patches ModelRunner's prepare, launch and finish from a
 `sitecustomize` that profile_decode puts on the worker's PYTHONPATH (see profile_decode.py and the README for
 the proposed three-line hook that replaces the patch).
 """
@@ -84,7 +84,8 @@ class StepTimer:
         self.host_base = time.perf_counter_ns()
         # Per step: [step, rows, tokens, begin, launch, end, host_begin, host_launch, host_end].
         self.records: list[list[Any]] = []
-        self.current: list[Any] | None = None
+        # Steps begun and not ended yet: a worker prepares the next step while one waits for its grammar masks.
+        self.open: dict[int, list[Any]] = {}
         self.matching = 0  # decode steps of min_rows rows or more seen
         self.profiler: Any = None
         # Steps whose timing the profiler disturbed: [the one it started before, the one it stopped before].
@@ -96,23 +97,20 @@ class StepTimer:
         rows = len(plan.req_rows) // 4
         tokens = len(plan.out_slots) // 4
         self._profile_window(plan.step, rows, tokens)
-        if len(self.records) >= self.cfg.max_steps:
-            self.current = None
+        if len(self.records) + len(self.open) >= self.cfg.max_steps:
             return
-        self.current = [plan.step, rows, tokens, self.clock.mark(), None, None, self._host(), None, None]
+        self.open[plan.step] = [plan.step, rows, tokens, self.clock.mark(), None, None, self._host(), None, None]
 
-    def launch(self) -> None:
-        """May be called several times per step; the last call counts (the step's main inputs)."""
-        if self.current is not None:
-            self.current[4] = self.clock.mark()
-            self.current[7] = self._host()
+    def launch(self, step: int) -> None:
+        if (record := self.open.get(step)) is not None:
+            record[4] = self.clock.mark()
+            record[7] = self._host()
 
-    def end(self) -> None:
-        if self.current is not None:
-            self.current[5] = self.clock.mark()
-            self.current[8] = self._host()
-            self.records.append(self.current)
-            self.current = None
+    def end(self, step: int) -> None:
+        if (record := self.open.pop(step, None)) is not None:
+            record[5] = self.clock.mark()
+            record[8] = self._host()
+            self.records.append(record)
 
     def _host(self) -> float:
         return (time.perf_counter_ns() - self.host_base) / 1e6
@@ -179,30 +177,31 @@ class StepTimer:
 def install(cfg: StepTimingConfig) -> None:
     """Patch the worker's ModelRunner so that every step is timed; results are written at exit."""
     from radixserve.actors import model_runner
-    from radixserve.memory import kv_pool
 
     timers: list[StepTimer] = []
-    step = model_runner.ModelRunner.step
-    write = kv_pool.ReqToTokenTable.write
+    runner_cls = model_runner.ModelRunner
+    prepare, launch, finish = runner_cls.prepare, runner_cls.launch, runner_cls.finish
 
-    def timed_step(self: Any, plan: Any, *args: Any) -> Any:
+    def timed_prepare(self: Any, plan: Any) -> Any:
         if not timers:
             timers.append(StepTimer(cfg, self.device))
             atexit.register(timers[0].dump)
         timers[0].begin(plan)
+        return prepare(self, plan)
+
+    def timed_launch(self: Any, prep: Any) -> Any:
+        timers[0].launch(prep.plan.step)
+        return launch(self, prep)
+
+    def timed_finish(self: Any, launched: Any, *args: Any) -> Any:
         try:
-            return step(self, plan, *args)
+            return finish(self, launched, *args)
         finally:
-            timers[0].end()
+            timers[0].end(launched.prep.plan.step)
 
-    def marked_write(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # The step's last table write comes right after its inputs reached the device, before the forward.
-        if timers:
-            timers[0].launch()
-        return write(self, *args, **kwargs)
-
-    model_runner.ModelRunner.step = timed_step  # type: ignore[method-assign]
-    kv_pool.ReqToTokenTable.write = marked_write  # type: ignore[method-assign]
+    runner_cls.prepare = timed_prepare  # type: ignore[method-assign]
+    runner_cls.launch = timed_launch  # type: ignore[method-assign]
+    runner_cls.finish = timed_finish  # type: ignore[method-assign]
 
 
 # The sitecustomize that profile_decode writes into a folder on the worker's PYTHONPATH. It patches only the

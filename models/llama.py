@@ -43,8 +43,9 @@ class LlamaAttention(nn.Module):
             k.view(T, -1, d),
             v.view(T, -1, d),
         )  # [T, heads_local, d], [T, kv_local, d]
-        q, k = self.rotary_emb(positions, q, k)
-        o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn)  # [T, heads_local, d]
+        kv_store = batch.backend.kv_store(self.layer_id, batch.attn)  # the rotary kernel stores K/V if it may
+        q, k = self.rotary_emb(positions, q, k, v, kv_store)
+        o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=kv_store is not None)
         return self.o_proj(o.reshape(T, -1))  # [T, hidden]
 
 

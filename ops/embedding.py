@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.ops.linear import linear
 from radixserve.ops.parallel import TPGroup
 
 
@@ -67,6 +68,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the whole vocabulary; shares the embedding's weight when tied."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        logits = F.linear(hidden, self.weight)  # [N, vocab_local]
+        logits = linear(hidden, self.weight)  # [N, vocab_local]
         logits = self.tp.all_gather(logits, dim=-1)  # [N, vocab_local * tp]
         return logits[:, : self.vocab_size]

@@ -41,11 +41,25 @@ class AttentionBatch:
         return int(self.out_slots.shape[0])
 
 
+@dataclass(frozen=True, slots=True)
+class KVStore:
+    """Where one layer's new K/V go: k_buffer[slots] = k, v_buffer[slots] = v."""
+
+    k_buffer: torch.Tensor  # [num_slots, kv_heads, head_dim]
+    v_buffer: torch.Tensor
+    slots: torch.Tensor  # [T] int64
+
+
 class AttentionBackend(Protocol):
     """Stores each layer's new K/V into the pool, then attends every new query over its row's KV."""
 
     def prepare(self, batch: AttentionBatch) -> None:
         """Called once per step before the forward (FlashInfer plans here; the torch backend does nothing)."""
+        ...
+
+    def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
+        """Where the rotary kernel may write this layer's new K/V itself, saving a kernel per layer (then
+        `forward` gets kv_stored=True); None: `forward` stores them."""
         ...
 
     def forward(
@@ -56,6 +70,7 @@ class AttentionBackend(Protocol):
         layer_id: int,
         scale: float,
         batch: AttentionBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
         ...
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from radixserve.errors import UnsupportedFeatureError
+from radixserve.ops.forward_batch import KVStore
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED_KEYS = {
@@ -101,15 +102,23 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor,  # [T] int64
         q: torch.Tensor,  # [T, q_heads, head_dim]
         k: torch.Tensor,  # [T, kv_heads, head_dim]
+        v: torch.Tensor | None = None,  # [T, kv_heads, head_dim], with kv_store
+        kv_store: KVStore | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated q and k; with `kv_store`, the rotated k and v are also written into the KV pool there."""
         if q.is_cuda:
             from radixserve.ops import triton_rotary
 
             if triton_rotary.supported(self.head_dim):
-                triton_rotary.apply_rotary_inplace(positions, q, k, self.cos_sin_cache)
+                triton_rotary.apply_rotary_inplace(positions, q, k, self.cos_sin_cache, v, kv_store)
                 return q, k
         cos, sin = self.cos_sin_cache[positions].unsqueeze(-2).chunk(2, dim=-1)  # [T, 1, head_dim / 2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if kv_store is not None:
+            assert v is not None, "storing K/V needs v"
+            kv_store.k_buffer[kv_store.slots] = k.to(kv_store.k_buffer.dtype)
+            kv_store.v_buffer[kv_store.slots] = v.to(kv_store.v_buffer.dtype)
+        return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

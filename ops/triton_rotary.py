@@ -1,7 +1,8 @@
 """Rotary embedding (neox style) applied to q and k in place, one Triton program per token.
 
 Replaces the ~10 small kernels of the torch version (gather cos/sin, chunk, mul, sub, cat per tensor) with one,
-which matters inside a decode step where every layer's launch overhead adds up.
+which matters inside a decode step where every layer's launch overhead adds up. It can also write the layer's
+rotated K and its V into the KV pool (an attention backend's `kv_store`), which saves the store kernel.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.ops.forward_batch import KVStore
+
 
 @triton.jit
 def _rope_kernel(
-    Q, K, CosSin, Pos,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+    Q, K, V, CosSin, Pos, KBuf, VBuf, Slots,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    stride_kbs, stride_kbh, stride_vbs, stride_vbh,
     n_q_heads, n_kv_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-):
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr,
+):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(Pos + t).to(tl.int64)
     d = tl.arange(0, HALF)
@@ -35,8 +39,20 @@ def _rope_kernel(
     kp = K + t * stride_kt + h * stride_kh + d[None, :]
     y1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
     y2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
-    tl.store(kp, (y1 * cos - y2 * sin).to(K.dtype.element_ty), mask=mk)
-    tl.store(kp + HALF, (y2 * cos + y1 * sin).to(K.dtype.element_ty), mask=mk)
+    # Rounded to K's dtype first, as the unfused path stores the rotated k.
+    k1 = (y1 * cos - y2 * sin).to(K.dtype.element_ty)
+    k2 = (y2 * cos + y1 * sin).to(K.dtype.element_ty)
+    tl.store(kp, k1, mask=mk)
+    tl.store(kp + HALF, k2, mask=mk)
+    if STORE_KV:
+        slot = tl.load(Slots + t).to(tl.int64)  # int64: slot * stride passes 2**31 in large pools
+        kb = KBuf + slot * stride_kbs + h * stride_kbh + d[None, :]
+        tl.store(kb, k1.to(KBuf.dtype.element_ty), mask=mk)
+        tl.store(kb + HALF, k2.to(KBuf.dtype.element_ty), mask=mk)
+        vp = V + t * stride_vt + h * stride_vh + d[None, :]
+        vb = VBuf + slot * stride_vbs + h * stride_vbh + d[None, :]
+        tl.store(vb, tl.load(vp, mask=mk).to(VBuf.dtype.element_ty), mask=mk)
+        tl.store(vb + HALF, tl.load(vp + HALF, mask=mk).to(VBuf.dtype.element_ty), mask=mk)
 
 
 def supported(head_dim: int) -> bool:
@@ -49,19 +65,39 @@ def apply_rotary_inplace(
     q: torch.Tensor,  # [T, q_heads, head_dim], last dim contiguous
     k: torch.Tensor,  # [T, kv_heads, head_dim]
     cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos of each frequency, then sin
+    v: torch.Tensor | None = None,  # [T, kv_heads, head_dim], with kv_store
+    kv_store: KVStore | None = None,
 ) -> None:
+    """Rotate q and k in place; with `kv_store`, also write the rotated k and v into the KV pool there (one
+    kernel for what is otherwise two per layer)."""
     T, n_q, head_dim = q.shape
     if not supported(head_dim) or q.stride(-1) != 1 or k.stride(-1) != 1 or k.shape[0] != T:
         raise ValueError(f"rotary kernel needs a power-of-two head_dim/2 >= 16 and unit last strides, got "
                          f"q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} {k.stride()}")
     if cos_sin_cache.shape[-1] != head_dim or cos_sin_cache.stride(-1) != 1:
         raise ValueError(f"cos_sin_cache must be [positions, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    n_kv = k.shape[1]
+    if kv_store is not None:
+        k_buf, v_buf, slots = kv_store.k_buffer, kv_store.v_buffer, kv_store.slots
+        if v is None or v.shape != k.shape or v.stride(-1) != 1:
+            raise ValueError(f"storing K/V needs v shaped like k {tuple(k.shape)} with a unit last stride")
+        if k_buf.shape[1:] != k.shape[1:] or v_buf.shape != k_buf.shape or k_buf.stride(-1) != 1:
+            raise ValueError(f"KV buffers {tuple(k_buf.shape)} / {tuple(v_buf.shape)} do not fit k {tuple(k.shape)}")
+        if slots.shape != (T,) or not slots.is_contiguous():
+            raise ValueError(f"slots must be a contiguous [{T}] tensor, got {tuple(slots.shape)}")
+        store: tuple[torch.Tensor, ...] = (v, k_buf, v_buf, slots)
+        store_strides = (v.stride(0), v.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1))
+    else:
+        store = (k, k, k, positions)  # never read: STORE_KV is off
+        store_strides = (0, 0, 0, 0, 0, 0)
     if T == 0:
         return
-    n_kv = k.shape[1]
+    v_arg, k_buf_arg, v_buf_arg, slots_arg = store
+    svt, svh, skbs, skbh, svbs, svbh = store_strides
     block_h = triton.next_power_of_2(max(n_q, n_kv))
     _rope_kernel[(T,)](
-        q, k, cos_sin_cache, positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, num_warps=4,
-    )
+        q, k, v_arg, cos_sin_cache, positions, k_buf_arg, v_buf_arg, slots_arg,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), svt, svh, cos_sin_cache.stride(0),
+        skbs, skbh, svbs, svbh,
+        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, STORE_KV=kv_store is not None, num_warps=4,
+    )  # fmt: skip

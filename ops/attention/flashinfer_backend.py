@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -100,6 +100,9 @@ class FlashInferAttentionBackend:
         )
         self._wrapper = self.prefill
 
+    def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
+        return KVStore(self.k_buffers[layer_id], self.v_buffers[layer_id], batch.out_slots)
+
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -108,10 +111,13 @@ class FlashInferAttentionBackend:
         layer_id: int,
         scale: float,
         batch: AttentionBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
         assert scale == self.scale, "the backend was planned with another softmax scale"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
-        k_buf[batch.out_slots] = k.to(k_buf.dtype)
-        v_buf[batch.out_slots] = v.to(v_buf.dtype)
+        if not kv_stored:
+            from radixserve.ops.triton_fused import store_kv
+
+            store_kv(k, v, k_buf, v_buf, batch.out_slots)
         shape = (k_buf.shape[0], 1, self.num_kv_heads, self.head_dim)  # NHD pages of one token
         return self._wrapper.run(q.contiguous(), (k_buf.view(shape), v_buf.view(shape)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 
 class TorchAttentionBackend:
@@ -33,6 +33,9 @@ class TorchAttentionBackend:
     def prepare(self, batch: AttentionBatch) -> None:
         pass
 
+    def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
+        return None
+
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -41,6 +44,7 @@ class TorchAttentionBackend:
         layer_id: int,
         scale: float,
         batch: AttentionBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
         assert q.shape[0] == k.shape[0] == v.shape[0] == batch.num_tokens, (
@@ -53,8 +57,9 @@ class TorchAttentionBackend:
             k.shape,
             k_buf.shape,
         )
-        k_buf[batch.out_slots] = k.to(k_buf.dtype)
-        v_buf[batch.out_slots] = v.to(v_buf.dtype)
+        if not kv_stored:
+            k_buf[batch.out_slots] = k.to(k_buf.dtype)
+            v_buf[batch.out_slots] = v.to(v_buf.dtype)
 
         max_len = max(batch.seq_lens_cpu, default=0)
         tables = batch.req_to_token[:, :max_len].index_select(0, batch.req_rows)  # [B, max_len] slot ids

@@ -28,7 +28,7 @@ from radixserve.ops.attention.triton_ops import (
     decode_workspace,
     extend_attention,
 )
-from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.forward_batch import AttentionBatch, KVStore
 from radixserve.ops.triton_fused import store_kv
 
 
@@ -83,6 +83,9 @@ class TritonAttentionBackend:
     def prepare(self, batch: AttentionBatch) -> None:
         pass
 
+    def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
+        return None
+
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -91,9 +94,11 @@ class TritonAttentionBackend:
         layer_id: int,
         scale: float,
         batch: AttentionBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
-        store_kv(k, v, k_buf, v_buf, batch.out_slots)
+        if not kv_stored:
+            store_kv(k, v, k_buf, v_buf, batch.out_slots)
         if batch.is_decode:
             return self._decode(q, k_buf, v_buf, scale, batch)
         return extend_attention(

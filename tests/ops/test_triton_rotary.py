@@ -28,3 +28,33 @@ def test_rotary_kernel_matches_torch(head_dim: int, n_q: int, n_kv: int) -> None
     apply_rotary_inplace(positions, q, k, rope.cos_sin_cache)
     torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_stores_kv(dtype: torch.dtype) -> None:
+    """With a KVStore the kernel also writes the rotated k and the v into the pool's slots, exactly what the
+    unfused path (rotate, then index-store) writes, and touches no other slot."""
+    from radixserve.ops.forward_batch import KVStore
+
+    torch.manual_seed(1)
+    head_dim, n_q, n_kv, T, num_slots = 64, 4, 2, 5, 40
+    rope = RotaryEmbedding(head_dim, 256, 10000.0, None, dtype)
+    positions = torch.tensor([3, 0, 255, 17, 9])
+    slots = torch.tensor([7, 39, 1, 22, 8])
+    qkv = torch.randn(T, (n_q + 2 * n_kv) * head_dim).to(dtype)
+    q, k, v = (t.view(T, -1, head_dim) for t in qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], 1))
+    pools = [torch.randn(num_slots, n_kv, head_dim).to(dtype) for _ in range(2)]
+    ref_pools = [p.clone() for p in pools]
+    q_ref, k_ref = rope(positions, q.clone(), k.clone(), v, KVStore(*ref_pools, slots))  # the torch path
+
+    apply_rotary_inplace(positions, q, k, rope.cos_sin_cache, v, KVStore(*pools, slots))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    torch.testing.assert_close(pools[0], ref_pools[0], **tol)
+    assert torch.equal(pools[1], ref_pools[1])  # v is copied as is
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(pools[0][untouched], ref_pools[0][untouched])
+    with pytest.raises(ValueError, match="v shaped like k"):
+        apply_rotary_inplace(positions, q, k, rope.cos_sin_cache, None, KVStore(*pools, slots))
