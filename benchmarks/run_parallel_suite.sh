@@ -8,6 +8,7 @@
 #   allreduce       bench_all_reduce: NCCL vs one-shot, world 2 (and 4)
 #   latency_llama   batch-1 decode at input 1024, Llama-3.1-8B: TP1, TP2, TP2 NCCL-only, TP4
 #   latency_qwen    the same for Qwen2-7B: TP1, TP2, TP4
+#   latency_tp1     Llama batch-1 decode, TP1 only (one GPU)
 #   issue6          Llama TP1 and TP2 batch-1 decode, offline DP1 and DP2 (two GPUs)
 #   profile_tp2     batch-1 TP2: GPU idle between steps, a kernel trace, cProfile of the worker and the engine
 #   single          four one-GPU jobs at once, one per card: Llama offline (DP1), Qwen offline (TP1),
@@ -84,6 +85,8 @@ for stage in "$@"; do
       latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
       latency 0,1 llama_tp2_nccl "$LLAMA" --tp-size 2 --disable-custom-all-reduce
       latency 0,1,2,3 llama_tp4 "$LLAMA" --tp-size 4 ;;
+    latency_tp1)
+      latency 0 llama_tp1 "$LLAMA" ;;
     latency_qwen)
       latency 0 qwen_tp1 "$QWEN"
       latency 0,1 qwen_tp2 "$QWEN" --tp-size 2
