@@ -31,6 +31,18 @@ def _arr(buf: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
+def _to_device(columns: tuple[np.ndarray, ...] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Integer arrays, concatenated, as one int64 device tensor, without a stream sync: a copy from pageable
+    memory waits for the GPU to drain (the step in flight), so stage in pinned memory (the caching host
+    allocator keeps the block until the copy has run)."""
+    parts = columns if isinstance(columns, tuple) else (columns,)
+    if device.type != "cuda":
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    host = torch.empty(sum(len(c) for c in parts), dtype=torch.int64, pin_memory=True)
+    np.concatenate(parts, out=host.numpy(), casting="safe")
+    return host.to(device, non_blocking=True)
+
+
 def _host(t: torch.Tensor) -> torch.Tensor:
     """Start a device->host copy into pinned memory; valid once the step's event has completed."""
     if t.device.type == "cpu":
@@ -124,7 +136,7 @@ class ModelRunner:
             if len(prefix):
                 rows = torch.full((len(prefix),), req.req_row, dtype=torch.int64, device=self.device)
                 positions = torch.arange(len(prefix), dtype=torch.int64, device=self.device)
-                self.table.write(rows, positions, torch.from_numpy(prefix.astype(np.int64)).to(self.device))
+                self.table.write(rows, positions, _to_device(prefix, self.device))
             ids = _arr(req.penalty_ids, "<i4").tolist()
             split = len(ids) - req.num_output_ids
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
@@ -174,7 +186,7 @@ class ModelRunner:
         # One host->device copy for every integer column of the plan.
         columns = (_arr(plan.input_ids, "<i4"), positions, _arr(plan.out_slots, "<i4"), req_rows[token_row],
                    req_rows, seq_lens, extend_lens, starts, starts[from_prev], prev_rows[from_prev])
-        packed = torch.from_numpy(np.concatenate(columns).astype(np.int64)).to(self.device, non_blocking=True)
+        packed = _to_device(columns, self.device)
         input_ids, positions_t, out_slots, token_rows, rows_t, seq_t, ext_t, starts_t, prev_at, prev_idx = (
             torch.split(packed, [len(c) for c in columns])
         )
@@ -202,11 +214,11 @@ class ModelRunner:
             assert self.graphs is not None
             logits = self.graphs.replay(prep.graph_size, prep.input_ids)
             if len(sample_rows) != B:
-                logits = logits[torch.from_numpy(sample_rows).to(self.device)]
+                logits = logits[_to_device(sample_rows, self.device)]
         else:
             self.backend.prepare(attn)
             hidden = self.model(ForwardBatch(prep.input_ids, prep.positions, attn, self.backend))  # [T, hidden]
-            last = torch.from_numpy(prep.starts[sample_rows] + prep.extend_lens[sample_rows] - 1).to(self.device)
+            last = _to_device(prep.starts[sample_rows] + prep.extend_lens[sample_rows] - 1, self.device)
             logits = self.model.compute_logits(hidden[last]) if len(sample_rows) else None
         return LaunchedStep(prep, hidden, logits)
 
@@ -232,7 +244,7 @@ class ModelRunner:
             if len(sample_rows) == B:
                 tokens = out.tokens
             else:
-                tokens[torch.from_numpy(sample_rows).to(self.device)] = out.tokens
+                tokens[_to_device(sample_rows, self.device)] = out.tokens
         self.last_tokens = tokens
         prompt_lps = []
         for b, top_k, after in plan.prompt_logprob_rows:

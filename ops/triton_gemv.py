@@ -25,7 +25,7 @@ Two kernels, picked by SkinnyConfig.tensor_cores:
     On CUDA cores, M > 1 would need M accumulators of [BLOCK_N, BLOCK_K] (out of registers by M = 4) or a
     cross-thread reduction per chunk and per row; tensor cores avoid both.
 Which of the two wins at M == 1 is for the GPU benchmark (benchmarks/bench_gemv.py) to say; its results fill
-TUNED.
+TUNED. ops/fused_decode.py runs the CUDA-core loop with the RMSNorm or SiLU-and-mul before it fused in.
 
 Launch shapes are host ints and the only allocation is the output (torch.empty): CUDA-graph capturable. Pick
 configs from the static table, never triton.autotune: autotuning during a graph capture would time kernels
@@ -164,6 +164,13 @@ def pick_config(m: int, n: int, k: int) -> SkinnyConfig:
         if m <= max_m:
             return config
     return _default_config(m, n, k)
+
+
+def pick_fma_config(n: int, k: int) -> SkinnyConfig:
+    """The CUDA-core config for one row of x: pick_config(1, n, k), or the untuned guess where TUNED chose
+    tensor cores at M == 1 (the prologue-fused GEMVs of ops/fused_decode.py have a CUDA-core kernel only)."""
+    config = pick_config(1, n, k)
+    return config if not config.tensor_cores else _default_config(1, n, k)
 
 
 def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
