@@ -191,6 +191,7 @@ class Engine:
                 schedule_policy=cfg.schedule_policy, disable_radix_cache=cfg.disable_radix_cache,
                 overlap=not cfg.disable_overlap_schedule, new_token_ratio=cfg.new_token_ratio,
                 min_new_token_ratio=cfg.min_new_token_ratio, disable_jump_forward=cfg.disable_jump_forward,
+                shared_masks=cfg.nnodes == 1,  # the ranks of other nodes cannot map this host's memory
             ), self.grammars)
             self.schedulers.append(Scheduler(core, scheduler_inbox, group.connections, to_detok))
             self._to_schedulers.append(to_scheduler)
@@ -255,6 +256,8 @@ class Engine:
                 for group in self._groups:
                     tg.start_soon(group.shutdown)
             self._procs.clear()
+            for scheduler in getattr(self, "schedulers", []):
+                scheduler.core.close()
             for box in getattr(self, "_mailboxes", []):
                 box.close()
             if self._stack is not None:

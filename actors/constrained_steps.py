@@ -14,7 +14,8 @@ import numpy as np
 
 from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.kv_manager import KVManager
-from radixserve.actors.messages import AppendedTokens
+from radixserve.actors.mask_ring import MaskRing
+from radixserve.actors.messages import AppendedTokens, StepMask
 from radixserve.actors.request_state import Req
 from radixserve.outputs import FinishReason
 
@@ -28,9 +29,16 @@ def i32(values: list[int]) -> bytes:
 
 class ConstrainedSteps:
     def __init__(
-        self, grammars: GrammarCache | None, kv: KVManager, appended: dict[int, list[AppendedTokens]]
+        self,
+        grammars: GrammarCache | None,
+        kv: KVManager,
+        appended: dict[int, list[AppendedTokens]],
+        shared_masks: bool = False,
     ) -> None:
         self.grammars = grammars
+        # StepMasks through a shared-memory ring (actors/mask_ring.py), made when first needed
+        self.shared_masks = shared_masks
+        self._ring: MaskRing | None = None
         self.kv = kv
         self.appended = appended  # penalty edits per row, sent with the next plan
         self._bitmask = np.zeros((0, 0), dtype=np.int32)
@@ -38,22 +46,47 @@ class ConstrainedSteps:
         self.num_grammar_rejections = 0  # sampled tokens a matcher refused (only a -inf logit_bias can)
 
     def bitmasks(self, reqs: list[Req], step: int) -> bytes:
-        """The bitmasks of `reqs`' rows in `step`; a row whose sample will be dropped allows every token."""
+        """The bitmasks of `reqs`' rows in `step` as bytes (they travel inside the plan)."""
         if not reqs:
             return b""
         assert self.grammars is not None
         if self._bitmask.shape[0] < len(reqs):
             rows = max(len(reqs), 2 * self._bitmask.shape[0])
             self._bitmask = np.zeros((rows, self.grammars.bitmask_words), dtype=np.int32)
+        self._fill(reqs, step, self._bitmask)
+        return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
+
+    def step_mask(self, reqs: list[Req], step: int) -> StepMask:
+        """The StepMask of a plan whose masks follow: in the shared-memory ring when there is one."""
+        if not self.shared_masks or not reqs:
+            return StepMask(step, self.bitmasks(reqs, step))
+        assert self.grammars is not None
+        if self._ring is None or self._ring.rows < len(reqs):
+            rows = max(len(reqs), 64, 2 * self._ring.rows if self._ring is not None else 0)
+            if self._ring is not None:
+                self._ring.close(unlink=True)  # workers keep their mapping until they see the new path
+            self._ring = MaskRing.create(rows, self.grammars.bitmask_words)
+            if self._ring is None:  # no room in /dev/shm: through the socket from now on
+                self.shared_masks = False
+                return StepMask(step, self.bitmasks(reqs, step))
+        self._fill(reqs, step, self._ring.slot(step, len(reqs)))
+        return StepMask(step, b"", self._ring.ref(step, len(reqs)))
+
+    def _fill(self, reqs: list[Req], step: int, out: np.ndarray) -> None:
+        """Row g of `out` <- the mask of reqs[g]; a row whose sample will be dropped allows every token."""
         # NOTE: one matcher at a time: a mask from xgrammar's cache takes ~3 us, less than handing the batch to
         # its threads (BatchGrammarMatcher) costs (measured with 64 JSON and character-class matchers).
         for g, req in enumerate(reqs):
             assert req.grammar is not None
             if req.finished or req.discard_step == step:
-                self._bitmask[g] = -1
+                out[g] = -1
             else:
-                req.grammar.fill_bitmask(self._bitmask, g)
-        return self._bitmask[: len(reqs)].astype("<i4", copy=False).tobytes()
+                req.grammar.fill_bitmask(out, g)
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close(unlink=True)
+            self._ring = None
 
     def after_sample(self, req: Req, cfg: SchedulerConfig) -> None:
         """Jump-forward now if nothing of `req` is in flight; else, when its grammar forces text, drop the

@@ -20,11 +20,13 @@ import time
 import traceback
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from radixserve.actors.cuda_graph_runner import CudaGraphRunner
 from radixserve.actors.mailbox import BlockingSocketMailbox, MailboxClosed
+from radixserve.actors.mask_ring import MaskRingReader
 from radixserve.actors.messages import (
     InitWorker,
     Shutdown,
@@ -152,7 +154,7 @@ class TokenAgreementCheck:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
 
-    def finish(self, launched: LaunchedStep, bitmask: bytes | None = None) -> PendingStep:
+    def finish(self, launched: LaunchedStep, bitmask: bytes | np.ndarray | None = None) -> PendingStep:
         pending = self.runner.finish(launched, bitmask)
         tokens = torch.frombuffer(bytearray(pending.result().tokens), dtype=torch.int32)
         ranks = self.tp.all_gather(tokens.to(self.runner.device).unsqueeze(0), dim=0)  # [tp, B]
@@ -231,6 +233,7 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
     # and its masks: the plan after that one needs this step's result.
     waiting: LaunchedStep | None = None
     held: PreparedStep | None = None
+    masks = MaskRingReader()  # StepMasks in the scheduler's shared memory
 
     def finished(pending: PendingStep) -> None:
         if sender is not None:
@@ -261,7 +264,8 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
                 case StepMask():
                     if waiting is None or waiting.prep.plan.step != step:
                         raise RuntimeError(f"grammar masks for step {step} arrived outside their step")
-                    finished(runner.finish(waiting, msg.bitmask))
+                    bitmask = msg.bitmask if msg.shared is None else masks.read(msg.shared)
+                    finished(runner.finish(waiting, bitmask))
                     waiting = None
                     if held is not None:
                         step, prepared, held = held.plan.step, held, None
@@ -269,6 +273,7 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
                 case Shutdown():
                     if sender is not None:
                         sender.close()
+                    masks.close()
                     return
                 case InitWorker():
                     raise RuntimeError("InitWorker received twice")

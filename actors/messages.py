@@ -133,13 +133,24 @@ class StepPlan(_Msg):
     appended_tokens: list[AppendedTokens] = []  # applied first (before released_rows and new_requests)
 
 
+class MaskSlot(_Msg):
+    """Where a step's bitmasks lie in a scheduler's shared-memory ring (actors/mask_ring.py)."""
+
+    path: str
+    capacity: int  # rows per slot: the ring's layout
+    words: int
+    slot: int
+    num_rows: int
+
+
 class StepMask(_Msg):
     """The bitmasks of a plan sent with grammar_mask_follows, in its grammar_rows order. The scheduler sends
     it as soon as it has applied the previous step's result, so the masks are computed on the host while
     the worker's GPU runs this step's forward pass (overlap for constrained requests)."""
 
     step: int
-    bitmask: bytes  # int32 [G, ceil(vocab / 32)]
+    bitmask: bytes  # int32 [G, ceil(vocab / 32)]; empty when they are in shared memory
+    shared: MaskSlot | None = None
 
 
 class InitWorker(_Msg):

@@ -142,7 +142,7 @@ class ModelRunner:
             self.sampler.add_request(req.req_row, req.params, ids[:split], ids[split:])
 
     def _token_bitmask(
-        self, plan: StepPlan, sample_rows: np.ndarray, bitmask: bytes | None
+        self, plan: StepPlan, sample_rows: np.ndarray, bitmask: bytes | np.ndarray | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The grammar-constrained rows (among the sampled rows) and their bitmasks, on the device."""
         if not plan.grammar_rows:
@@ -153,13 +153,13 @@ class ModelRunner:
         else:
             bitmask = plan.grammar_bitmask
         rows = np.searchsorted(sample_rows, _arr(plan.grammar_rows, "<i4"))
-        words = _arr(bitmask, "<i4").reshape(len(rows), -1)
+        words = (bitmask if isinstance(bitmask, np.ndarray) else _arr(bitmask, "<i4")).reshape(len(rows), -1)
         # A copy from pageable memory would make the host wait for the device: stage it in pinned memory.
         host = torch.empty(words.shape, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host.numpy()[:] = words
         return to_device(rows.tolist(), torch.int64, self.device), host.to(self.device, non_blocking=True)
 
-    def step(self, plan: StepPlan, bitmask: bytes | None = None) -> PendingStep:
+    def step(self, plan: StepPlan, bitmask: bytes | np.ndarray | None = None) -> PendingStep:
         """prepare, launch and finish in one go (`bitmask`: the StepMask of a plan whose masks follow)."""
         return self.finish(self.launch(self.prepare(plan)), bitmask)
 
@@ -228,8 +228,9 @@ class ModelRunner:
         return bool(plan.grammar_mask_follows and plan.grammar_rows)
 
     @torch.inference_mode()
-    def finish(self, launched: LaunchedStep, bitmask: bytes | None = None) -> PendingStep:
-        """Mask, sample and start copying the results to the host."""
+    def finish(self, launched: LaunchedStep, bitmask: bytes | np.ndarray | None = None) -> PendingStep:
+        """Mask, sample and start copying the results to the host. `bitmask` (a StepMask's, possibly a view
+        of shared memory) is copied before this returns."""
         prep, logits, hidden = launched.prep, launched.logits, launched.hidden
         plan, sample_rows, B = prep.plan, prep.sample_rows, prep.attn.num_rows
         req_rows = _arr(plan.req_rows, "<i4")

@@ -62,11 +62,6 @@ class Scheduler:
                 plan = None if self.dead else self.core.schedule()
                 if plan is not None:
                     await self._send_to_workers(plan)
-                # The masks of the step in flight go right after the plan that follows it (if any): the
-                # workers wait for them before sampling, and prepare that plan meanwhile.
-                if (mask := self.core.take_step_mask()) is not None and not self.dead:
-                    await self._send_to_workers(mask)
-                if plan is not None:
                     continue
                 if self.idle:
                     self._on_idle()
@@ -86,7 +81,12 @@ class Scheduler:
                 await self._publish(self.core.abort(msg.rid, msg.reason))
             case StepResult():
                 if not self.dead:
-                    await self._publish(self.core.apply(msg))
+                    updates = self.core.apply(msg)
+                    if (mask := self.core.take_step_mask()) is not None:
+                        # The step in flight waits for these before sampling: they go before anything else
+                        # (measured: sending the next plan first lengthens the chain result -> masks).
+                        await self._send_to_workers(mask)
+                    await self._publish(updates)
             case FlushCache():
                 self._flush_requested = True
             case WorkerDied():

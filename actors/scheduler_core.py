@@ -9,9 +9,9 @@ Constrained decoding (actors/grammar.py): each sampling row of a constrained req
 grammar's token bitmask; the sampled token is accepted by its matcher when the result is applied, and text
 the grammar then forces is appended (jump-forward), computed as an extend chunk. Under overlap a constrained
 request rides every step like any other: when its row's input is a sample still in flight, the mask cannot
-exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask once
-that sample is applied (`take_step_mask`), right after the next plan: the worker prepares that plan while it
-waits for the masks, and the masks' computation hides under the GPU's forward pass. Jump-forward needs the request quiet: when its grammar
+exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask as
+soon as that sample is applied (`take_step_mask`, before the next plan is made); the worker waits for them
+after launching the forward pass, so computing them hides under the GPU's work. Jump-forward needs the request quiet: when its grammar
 forces text after a sample whose successor step is already in flight, that successor's sample is dropped
 (`Req.discard_step`) and the jump happens when it returns.
 """
@@ -64,6 +64,8 @@ class SchedulerConfig:
     # (`: ` forced, then ` ` `true` sampled: ` true`); a constrained request's stream holds back window - 1
     # tokens, which may still be replaced.
     jump_forward_window: int = 2
+    # StepMasks through shared memory (all the group's workers on this host)
+    shared_masks: bool = False
 
 
 @dataclass(slots=True)
@@ -84,11 +86,11 @@ class SchedulerCore:
         # Per row: output edits (jump-forward, dropped samples) of requests with penalties, sent with the
         # next plan.
         self._appended: dict[int, list[AppendedTokens]] = {}
-        # The step in flight right after the last applied one, when its plan said its masks follow: they are
-        # computed in take_step_mask, after the scheduler has sent its next plan (module docstring).
+        # The step in flight right after the last applied one, when its plan said its masks follow (they are
+        # computed in take_step_mask).
         self._mask_due: _IssuedStep | None = None
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
-        self.constrained = ConstrainedSteps(grammars, self.kv, self._appended)
+        self.constrained = ConstrainedSteps(grammars, self.kv, self._appended, cfg.shared_masks)
         self.reqs: dict[str, Req] = {}
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # admitted and not yet released (finished ones may still be in flight)
@@ -353,14 +355,17 @@ class SchedulerCore:
         return self.constrained.num_grammar_rejections
 
     def take_step_mask(self) -> StepMask | None:
-        """After `apply`: the bitmasks of the next step in flight when its plan said they follow, computed now.
-        Send it to every worker before their next plan but one; the scheduler sends the plan `schedule()` makes
-        right after `apply` first, so that a worker prepares that plan while the masks are computed."""
+        """After `apply`: the bitmasks of the next step in flight when its plan said they follow. Send them to
+        every worker right away: the step waits for them before sampling."""
         due, self._mask_due = self._mask_due, None
         if due is None:
             return None
         self.num_masks_after_plan += 1
-        return StepMask(due.step, self.constrained.bitmasks(due.constrained, due.step))
+        return self.constrained.step_mask(due.constrained, due.step)
+
+    def close(self) -> None:
+        """Release what outlives the process otherwise (the shared-memory mask ring)."""
+        self.constrained.close()
 
     def _new_request(self, req: Req) -> NewRequest:
         penalty_ids = b""

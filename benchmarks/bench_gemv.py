@@ -24,7 +24,7 @@ import argparse
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -116,6 +116,8 @@ class AttentionRow:
     tensor_cores: Timing
     cuda_cores: Timing
     max_abs_diff: float  # between the two variants' outputs
+    # tensor cores with other split-KV plans ("no_split", "split_256", ...): us per op
+    tc_split_us: dict[str, float] = field(default_factory=dict)
 
 
 def make_timing(us: float, nbytes: int, peak_gbps: float) -> Timing:
@@ -359,6 +361,15 @@ def print_tuned(table: dict[tuple[int, int], list[tuple[int, Any]]], rows: Seque
 # ---------------------------------------------------------------------------------------------- attention
 
 
+# FlashInfer's tensor-core decode plan options: one kernel without a merge, or fixed KV chunks per CTA.
+SPLIT_PLANS: dict[str, dict[str, Any]] = {
+    "no_split": {"disable_split_kv": True},
+    "split_128": {"fixed_split_size": 128},
+    "split_256": {"fixed_split_size": 256},
+    "split_512": {"fixed_split_size": 512},
+}
+
+
 def bench_attention(batch: int, context: int, args: argparse.Namespace) -> AttentionRow:
     import flashinfer
     import torch
@@ -395,10 +406,26 @@ def bench_attention(batch: int, context: int, args: argparse.Namespace) -> Atten
         out = wrapper.run(q, pools[0])
         us = graph_us([partial(wrapper.run, q, kv) for kv in cycle], args.replays)
         results[tensor_cores] = (make_timing(us, nbytes, args.peak_gbps), out)
+    split_us: dict[str, float] = {}
+    for name, split in SPLIT_PLANS.items():  # the tensor-core kernel with other split-KV decisions
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=torch.empty(slots, dtype=torch.int32, device=device),
+            paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=device),
+        )  # fmt: skip
+        wrapper.plan(
+            kv_indptr_host((context,) * batch), indices, torch.ones(batch, dtype=torch.int32),
+            Q_HEADS, KV_HEADS, HEAD_DIM, 1, q_data_type=dtype, kv_data_type=dtype, sm_scale=HEAD_DIM**-0.5,
+            **split,
+        )  # fmt: skip
+        wrapper.run(q, pools[0])
+        split_us[name] = graph_us([partial(wrapper.run, q, kv) for kv in cycle], args.replays)
     diff = (results[True][1].float() - results[False][1].float()).abs().max().item()
-    row = AttentionRow(batch, context, nbytes, results[True][0], results[False][0], diff)
+    row = AttentionRow(batch, context, nbytes, results[True][0], results[False][0], diff, split_us)
+    splits = ", ".join(f"{k} {v:.1f}" for k, v in split_us.items())
     print(
-        f"attention batch {batch} context {context}: tensor cores {row.tensor_cores.us:.1f} us, "
+        f"attention batch {batch} context {context}: tensor cores {row.tensor_cores.us:.1f} us ({splits}), "
         f"cuda cores {row.cuda_cores.us:.1f} us, max |diff| {diff:.2e}",
         flush=True,
     )

@@ -88,13 +88,11 @@ def drive(
     masks_after: list[int] | None = None,
     max_steps: int = 5000,
 ) -> dict[str, list[int]]:
-    """Run to the end like the scheduler actor (two steps in flight; after a result, the next plan goes out
-    before the masks of the step in flight), checking every step; outputs by rid. `steps` counts the forward
-    passes each request rode in; `masks_after` gets the steps whose masks came after their plan, and -1 for
-    each plan that reached the worker while the step before it still waited for its masks."""
+    """Run to the end like the scheduler actor (two steps in flight; after a result, the masks of the step in
+    flight go out before the next plan is made), checking every step; outputs by rid. `steps` counts the
+    forward passes each request rode in; `masks_after` gets the steps whose masks came after their plan."""
     updates: dict[str, list[RequestUpdate]] = {}
-    # Steps in flight: results, or plans the worker has not run yet: one waiting for its masks, and the plan
-    # that arrived after it (the worker runs it once the step before has sampled).
+    # Steps in flight: results, or plans waiting for their masks (the worker samples once they arrive).
     inflight: deque[StepResult | tuple[StepPlan, list[list[int]]]] = deque()
 
     def run(plan: StepPlan, known: list[list[int]], mask: bytes | None = None) -> StepResult:
@@ -102,15 +100,6 @@ def drive(
         for b, context in worker.contexts.items():
             assert context[: len(known[b])] == known[b], f"row {b} read stale KV"
         return result
-
-    def run_held() -> None:  # plans behind a step that got its masks, in order, until one waits for masks
-        for i in range(len(inflight)):
-            held = inflight[i]
-            if isinstance(held, StepResult):
-                continue
-            if held[0].grammar_mask_follows:
-                return
-            inflight[i] = run(*held)
 
     for _ in range(max_steps):
         if not (core.has_work or inflight):
@@ -126,28 +115,23 @@ def drive(
                     assert plan.grammar_mask_follows, "a constrained row's mask predates the sample it follows"
                 if steps is not None:
                     steps[req.rid] += 1
-            if masks_after is not None and any(not isinstance(x, StepResult) for x in inflight):
-                masks_after.append(-1)
-            inflight.append((plan, known))
-            run_held()
-        mask = core.take_step_mask()
-        waiting = [i for i, x in enumerate(inflight) if not isinstance(x, StepResult)]
-        if mask is not None:
-            assert waiting and inflight[waiting[0]][0].step == mask.step, "the masks of the step in flight"
-            plan, known = inflight[waiting[0]]
-            inflight[waiting[0]] = run(plan, known, mask.bitmask)
-            if masks_after is not None:
-                masks_after.append(plan.step)
-            run_held()
-        elif waiting:
-            assert inflight[waiting[0]][0].grammar_mask_follows, "a plan left waiting without its masks"
-        if plan is not None and len(inflight) < 2 and core.has_work:
-            continue
+            inflight.append((plan, known) if plan.grammar_mask_follows else run(plan, known))
+            if len(inflight) < 2 and core.has_work:
+                continue
         if inflight:
             result = inflight.popleft()
-            assert isinstance(result, StepResult), "a result awaited before its step ran"
+            assert isinstance(result, StepResult)
             for u in core.apply(result):
                 updates.setdefault(u.rid, []).append(u)
+            mask = core.take_step_mask()
+            if inflight and not isinstance(inflight[0], StepResult):
+                assert mask is not None and mask.step == inflight[0][0].step, "a step waits for its masks"
+                plan, known = inflight.popleft()
+                inflight.appendleft(run(plan, known, mask.bitmask))
+                if masks_after is not None:
+                    masks_after.append(plan.step)
+            else:
+                assert mask is None
     raise AssertionError("the scheduler made no progress")
 
 
@@ -189,7 +173,6 @@ def test_outputs_follow_grammars_and_jump_forward_only_saves_steps(overlap: bool
         masks_after: list[int] = []
         results[jump_forward] = drive(core, worker, per_request, masks_after)
         assert bool(masks_after) == overlap, "constrained requests ride overlapped steps"
-        assert (-1 in masks_after) == overlap, "plans reach the worker before the masks of the step in flight"
         steps[jump_forward] = sum(n for rid, n in per_request.items() if not rid.startswith("free"))
         assert (core.num_jump_forward_tokens > 0) == jump_forward
         assert core.num_grammar_rejections == 0
