@@ -6,9 +6,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from pathlib import Path
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
