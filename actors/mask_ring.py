@@ -64,8 +64,9 @@ class MaskRing:
         return MaskSlot(self.path, self.rows, self.words, step % SLOTS, num_rows)
 
     def close(self, unlink: bool = False) -> None:
-        del self._slots  # the mapping cannot close while a view of it is alive
-        self._map.close()
+        """Drop the mapping (it unmaps once no view of it is left: a caller may still hold a slot's view) and,
+        with `unlink`, the file (mappings of it stay valid)."""
+        del self._slots
         if unlink:
             Path(self.path).unlink(missing_ok=True)
 
@@ -78,13 +79,9 @@ class MaskRingReader:
 
     def read(self, ref: MaskSlot) -> np.ndarray:
         ring = self._ring
-        if ring is None or ring.path != ref.path:
-            if ring is not None:
-                ring.close()
+        if ring is None or ring.path != ref.path:  # the previous ring unmaps when its last view goes
             ring = self._ring = MaskRing(ref.path, ref.capacity, ref.words, create=False)
         return ring._slots[ref.slot, : ref.num_rows]
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        self._ring = None

@@ -162,6 +162,20 @@ async def test_regex_outputs_fullmatch(engine: Engine) -> None:
         assert out.finish_reason == "stop"
 
 
+async def test_more_constrained_rows_than_the_mask_ring_holds(engine: Engine) -> None:
+    """80 constrained requests at once: the shared-memory mask ring (64 rows at first) grows into a new file
+    while the workers still map the old one."""
+    outs = await generate_all(engine, [
+        {"prompt": f"Word {i}: ", "sampling_params": {"temperature": 1.0, "seed": i, "max_new_tokens": 6,
+                                                     "regex": "[a-z]{4}"}}
+        for i in range(80)
+    ])
+    assert all(re.fullmatch("[a-z]{4}", out.text) for out in outs), [out.text for out in outs]
+    ring = engine.scheduler.core.constrained._ring
+    assert ring is not None and ring.rows >= 80
+    await engine.check_integrity()
+
+
 async def test_sampled_outputs_follow_the_grammar(engine: Engine) -> None:
     """Temperature 1 with a seed explores tokens greedy decoding never picks."""
     requests = [
