@@ -361,9 +361,9 @@ def print_tuned(table: dict[tuple[int, int], list[tuple[int, Any]]], rows: Seque
 # ---------------------------------------------------------------------------------------------- attention
 
 
-# FlashInfer's tensor-core decode plan without split-KV (one kernel, no merge). Fixed split sizes do not
-# work with CUDA graphs (FlashInfer 0.5.3 refuses them there); eagerly, on an H100 at batch 1 and 1024 tokens,
-# 128/256/512 took 11.5/12.6/16.0 us against the default plan's 10.9.
+# FlashInfer's tensor-core decode plan without split-KV (one kernel, no merge). Fixed split sizes were tried
+# too: in a CUDA graph on an H100 at batch 1 and 1024 tokens 128/256/512 took 11.5/12.6/16.0 us against the
+# default plan's 10.9, and at batch 32 FlashInfer 0.5.3 refuses them in CUDA-graph mode.
 SPLIT_PLANS: dict[str, dict[str, Any]] = {"no_split": {"disable_split_kv": True}}
 
 
