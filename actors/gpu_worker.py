@@ -37,7 +37,7 @@ from radixserve.actors.messages import (
     WorkerInbox,
     WorkerReady,
 )
-from radixserve.actors.model_runner import LaunchedStep, ModelRunner, PendingStep, PreparedStep
+from radixserve.actors.model_runner import LaunchedStep, ModelRunner, PendingStep
 from radixserve.errors import UnsupportedFeatureError
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
 from radixserve.models.loader import load_model
@@ -228,11 +228,8 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
     mailbox.send(ready)
     sender = ResultSender(mailbox) if rank == 0 and runner.device.type == "cuda" else None
 
-    # A step launched and waiting for its grammar masks, and a plan that arrived meanwhile (prepared, to be
-    # launched right after that step samples). The scheduler sends at most one plan between a step's plan
-    # and its masks: the plan after that one needs this step's result.
+    # A step launched and waiting for its grammar masks: the scheduler sends them before any later plan.
     waiting: LaunchedStep | None = None
-    held: PreparedStep | None = None
     masks = MaskRingReader()  # StepMasks in the scheduler's shared memory
 
     def finished(pending: PendingStep) -> None:
@@ -241,35 +238,26 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
         elif rank == 0:
             mailbox.send(pending.result())
 
-    def launch(prepared: PreparedStep) -> LaunchedStep | None:
-        """Launch a prepared step and finish it unless it waits for its masks (then return it)."""
-        launched = runner.launch(prepared)
-        if runner.needs_mask(launched):
-            return launched
-        finished(runner.finish(launched))
-        return None
-
     while True:
         msg = mailbox.receive()
         step = msg.step if isinstance(msg, StepPlan | StepMask) else -1
         try:
             match msg:
-                case StepPlan() if waiting is not None:
-                    if held is not None:
-                        raise RuntimeError(f"step {step} arrived before the grammar masks of step "
-                                           f"{waiting.prep.plan.step}, after step {held.plan.step}")
-                    held = runner.prepare(msg)
                 case StepPlan():
-                    waiting = launch(runner.prepare(msg))
+                    if waiting is not None:
+                        raise RuntimeError(f"step {step} arrived before the grammar masks of step "
+                                           f"{waiting.prep.plan.step}")
+                    launched = runner.launch(runner.prepare(msg))
+                    if runner.needs_mask(launched):
+                        waiting = launched
+                    else:
+                        finished(runner.finish(launched))
                 case StepMask():
                     if waiting is None or waiting.prep.plan.step != step:
                         raise RuntimeError(f"grammar masks for step {step} arrived outside their step")
                     bitmask = msg.bitmask if msg.shared is None else masks.read(msg.shared)
                     finished(runner.finish(waiting, bitmask))
                     waiting = None
-                    if held is not None:
-                        step, prepared, held = held.plan.step, held, None
-                        waiting = launch(prepared)
                 case Shutdown():
                     if sender is not None:
                         sender.close()

@@ -7,8 +7,8 @@ copy is done; the worker calls it from a sender thread so that it can already la
 
 A step is prepared (host work and everything that does not read the previous step's samples), launched
 (forward pass queued) and finished (masked, sampled, results on their way to the host). A plan with
-`grammar_mask_follows` gets its grammar bitmasks later (StepMask): the worker launches it, prepares the next
-plan while the scheduler computes the masks, and finishes the step when they arrive.
+`grammar_mask_follows` gets its grammar bitmasks later (StepMask): the worker launches it and finishes it
+when they arrive, so the scheduler computes them while the GPU runs the forward pass.
 """
 
 from __future__ import annotations
@@ -166,10 +166,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prepare(self, plan: StepPlan) -> PreparedStep:
         """Everything of `plan` that does not read the previous step's samples: host work, the inputs' copy,
-        KV-table writes, new requests' sampler state and, for a CUDA-graph step, the attention plan. The
-        worker calls it while the step before waits for its grammar masks: it may run before that step
-        samples, so it must not touch a row that step samples (rows are released only once no step in
-        flight holds them, and penalty edits concern rows that are not sampled in the step in flight)."""
+        KV-table writes, new requests' sampler state and, for a CUDA-graph step, the attention plan. Call it
+        after the previous step's `finish`."""
         self._start_requests(plan.new_requests, plan.released_rows, plan.appended_tokens)
         req_rows = _arr(plan.req_rows, "<i4")
         seq_lens = _arr(plan.seq_lens, "<i4")
