@@ -29,6 +29,11 @@ Cost: each program re-reads its activation inputs from L2 (pass 2 reads x, resid
 3/BLOCK_N of its W bytes; pass 1 adds 2/BLOCK_N once), and pass 1 delays the W stream by a few L2 round
 trips. Whether that beats the kernel boundary it saves is benchmarks/bench_gemv.py's "fused" table.
 
+NOT WIRED into the model: on an H100 (benchmarks/results/h100-2026-11-27-session3/) the fused kernels saved
++0.07 (qkv), +0.7 (gate_up) and -0.75 (down) us per layer with the GEMV's own config, up to ~1 us each with
+their best CUDA-core config: ~0.1 ms of a 6.05 ms batch-1 step. Wiring them (per-shape configs of their own,
+LlamaDecoderLayer at one row) is worth it only together with other cuts of per-kernel cost.
+
 Launches are CUDA-graph capturable (host ints, torch.empty only, no sync) and deterministic (one program owns
 each output and residual_out has one writer; no atomics).
 
