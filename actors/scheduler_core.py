@@ -83,11 +83,9 @@ class SchedulerCore:
     def __init__(self, cfg: SchedulerConfig, grammars: GrammarCache | None = None) -> None:
         self.cfg = cfg
         self.grammars = grammars
-        # Per row: output edits (jump-forward, dropped samples) of requests with penalties, sent with the
-        # next plan.
+        # Per row: output edits (jump-forward, dropped samples) of requests with penalties, for the next plan.
         self._appended: dict[int, list[AppendedTokens]] = {}
-        # The step in flight right after the last applied one, when its plan said its masks follow (they are
-        # computed in take_step_mask).
+        # The step in flight after the last applied one, if its masks follow (computed in take_step_mask).
         self._mask_due: _IssuedStep | None = None
         self.kv = KVManager(cfg.num_slots, cfg.disable_radix_cache)
         self.constrained = ConstrainedSteps(grammars, self.kv, self._appended, cfg.shared_masks)

@@ -4,10 +4,10 @@
              skinny GEMM (ops/triton_gemv.py) in every candidate config; bandwidth = (W + x + y) bytes / time.
              Then at M = 1, the GEMVs with a fused prologue (ops/fused_decode.py) against the unfused pair:
              rms_norm + skinny_matmul (qkv, gate_up) and silu_and_mul + skinny_matmul (down).
-  attention  FlashInfer batch decode over the token-level KV pool (page size 1, NHD), use_tensor_cores on and
-             off, batch 1..64 at 1024 and 4096 context tokens (32 q heads, 8 kv heads, head_dim 128, bf16).
 
     python -m radixserve.benchmarks.bench_gemv [--peak-gbps 3350] [--out DIR] [--quick]
+
+(Attention kernels: bench_decode_attention.py, with this file's graph timer.)
 
 NOTE: a graph runs each op OPS_PER_GRAPH times over rotating copies of its weight (KV pool) that together
 exceed the L2 cache a few times over, so every op reads HBM, as in a decode step where each layer has its own
@@ -15,7 +15,7 @@ weights. Replaying one 32 MB o_proj weight would be served from an H100's 50 MB 
 bandwidths.
 
 Ends with a TUNED table to paste into ops/triton_gemv.py (the best Triton config per weight shape and batch).
-torch, triton and flashinfer are imported inside the functions: `--help` runs on any machine.
+torch and triton are imported inside the functions: `--help` runs on any machine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import argparse
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,12 +33,8 @@ from radixserve.benchmarks.common import DEFAULT_RESULT_DIR, print_grid, run_inf
 OPS_PER_GRAPH = 50
 MAX_REL_ERR = 1e-2  # against cuBLAS, both bf16 outputs of float32 sums: a bf16 ulp or two
 BATCHES = (1, 2, 4, 8, 16)
-Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B attention
-ATTN_BATCHES = (1, 8, 32, 64)
-ATTN_CONTEXTS = (1024, 4096)
 FUSED_PROLOGUES = {"qkv": "rms_norm", "gate_up": "rms_norm", "down": "silu_mul"}  # the op before each GEMV
 EPS = 1e-5  # Llama-3.1's rms_norm_eps
-MAX_KV_LAYERS = 32  # the model's layer count: no more distinct KV pools than a real step reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,18 +102,6 @@ class FusedRow:
     best_config: str | None  # the fastest fused candidate config that matches and is deterministic
     best_us: float | None
     failed: list[str]  # candidate configs that failed, mismatched or were nondeterministic
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionRow:
-    batch: int
-    context: int
-    nbytes: int  # K + V + q + out
-    tensor_cores: Timing
-    cuda_cores: Timing
-    max_abs_diff: float  # between the two variants' outputs
-    # tensor cores with other split-KV plans ("no_split", "split_256", ...): us per op
-    tc_split_us: dict[str, float] = field(default_factory=dict)
 
 
 def make_timing(us: float, nbytes: int, peak_gbps: float) -> Timing:
@@ -358,79 +342,6 @@ def print_tuned(table: dict[tuple[int, int], list[tuple[int, Any]]], rows: Seque
     print("}")
 
 
-# ---------------------------------------------------------------------------------------------- attention
-
-
-# FlashInfer's tensor-core decode plan without split-KV (one kernel, no merge). Fixed split sizes were tried
-# too: in a CUDA graph on an H100 at batch 1 and 1024 tokens 128/256/512 took 11.5/12.6/16.0 us against the
-# default plan's 10.9, and at batch 32 FlashInfer 0.5.3 refuses them in CUDA-graph mode.
-SPLIT_PLANS: dict[str, dict[str, Any]] = {"no_split": {"disable_split_kv": True}}
-
-
-def bench_attention(batch: int, context: int, args: argparse.Namespace) -> AttentionRow:
-    import flashinfer
-    import torch
-
-    from radixserve.ops.attention.flashinfer_backend import WORKSPACE_BYTES, kv_indptr_host
-
-    dtype, device = torch.bfloat16, torch.device("cuda")
-    slots = batch * context
-    layer_bytes = 2 * slots * KV_HEADS * HEAD_DIM * 2
-    shape = (slots, 1, KV_HEADS, HEAD_DIM)  # the pool's [slots, kv_heads, head_dim] as NHD pages of one token
-    pools = [
-        (torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
-        for _ in range(min(rotation(layer_bytes), MAX_KV_LAYERS))
-    ]
-    cycle = [pools[i % len(pools)] for i in range(OPS_PER_GRAPH)]
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
-    # Each row's tokens sit in random slots, as in a pool after some churn.
-    indices = torch.randperm(slots, device=device).to(torch.int32)
-    workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-    nbytes = layer_bytes + 2 * q.nbytes
-    results: dict[bool, tuple[Timing, torch.Tensor]] = {}
-    for tensor_cores in (True, False):
-        # What FlashInferAttentionBackend.make_graph_decode_wrapper builds: static buffers for a graph.
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-            paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=torch.empty(slots, dtype=torch.int32, device=device),
-            paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=device),
-        )  # fmt: skip
-        wrapper.plan(
-            kv_indptr_host((context,) * batch), indices, torch.ones(batch, dtype=torch.int32),
-            Q_HEADS, KV_HEADS, HEAD_DIM, 1, q_data_type=dtype, kv_data_type=dtype, sm_scale=HEAD_DIM**-0.5,
-        )  # fmt: skip
-        out = wrapper.run(q, pools[0])
-        us = graph_us([partial(wrapper.run, q, kv) for kv in cycle], args.replays)
-        results[tensor_cores] = (make_timing(us, nbytes, args.peak_gbps), out)
-    split_us: dict[str, float] = {}
-    for name, split in SPLIT_PLANS.items():  # the tensor-core kernel with other split-KV decisions
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-            paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=torch.empty(slots, dtype=torch.int32, device=device),
-            paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=device),
-        )  # fmt: skip
-        wrapper.plan(
-            kv_indptr_host((context,) * batch), indices, torch.ones(batch, dtype=torch.int32),
-            Q_HEADS, KV_HEADS, HEAD_DIM, 1, q_data_type=dtype, kv_data_type=dtype, sm_scale=HEAD_DIM**-0.5,
-            **split,
-        )  # fmt: skip
-        wrapper.run(q, pools[0])
-        split_us[name] = graph_us([partial(wrapper.run, q, kv) for kv in cycle], args.replays)
-    diff = (results[True][1].float() - results[False][1].float()).abs().max().item()
-    row = AttentionRow(batch, context, nbytes, results[True][0], results[False][0], diff, split_us)
-    splits = ", ".join(f"{k} {v:.1f}" for k, v in split_us.items())
-    print(
-        f"attention batch {batch} context {context}: tensor cores {row.tensor_cores.us:.1f} us ({splits}), "
-        f"cuda cores {row.cuda_cores.us:.1f} us, max |diff| {diff:.2e}",
-        flush=True,
-    )
-    del pools, cycle, workspace
-    torch.cuda.empty_cache()
-    return row
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -444,13 +355,8 @@ def main() -> None:
         "--result-dir", "--out", dest="result_dir", default=DEFAULT_RESULT_DIR,
         help="JSON result folder ($OUT if set)",
     )  # fmt: skip
-    add(
-        "--quick",
-        action="store_true",
-        help="TP1 shapes at M 1 and 8; attention at batch 1 and 32, 1024 tokens",
-    )
+    add("--quick", action="store_true", help="TP1 shapes at M 1 and 8")
     add("--replays", type=int, default=None, help="graph replays per timing (default 10, with --quick 5)")
-    add("--only", choices=("linear", "attention"), default=None, help="run one of the two parts")
     args = parser.parse_args()
     if args.replays is None:
         args.replays = 5 if args.quick else 10
@@ -462,30 +368,14 @@ def main() -> None:
     torch.manual_seed(0)
     info = run_info("bench_gemv", args)
 
-    linear: list[LinearRow] = []
-    fused: list[FusedRow] = []
-    if args.only != "attention":
-        layers = [layer for layer in LAYERS if layer.tp == 1] if args.quick else LAYERS
-        batches = (1, 8) if args.quick else BATCHES
-        linear = [row for layer in layers for row in bench_layer(layer, batches, args)]
-        fused = [bench_fused(layer, args) for layer in layers if layer.name in FUSED_PROLOGUES]
+    layers = [layer for layer in LAYERS if layer.tp == 1] if args.quick else LAYERS
+    batches = (1, 8) if args.quick else BATCHES
+    linear = [row for layer in layers for row in bench_layer(layer, batches, args)]
+    fused = [bench_fused(layer, args) for layer in layers if layer.name in FUSED_PROLOGUES]
     table = tuned_table(linear)
-
-    attention: list[AttentionRow] = []
-    attention_skipped = "--only linear" if args.only == "linear" else None
-    if args.only != "linear":
-        try:
-            import flashinfer  # noqa: F401
-        except ImportError as exc:
-            attention_skipped = f"flashinfer does not import: {exc}"
-        else:
-            contexts = ATTN_CONTEXTS[:1] if args.quick else ATTN_CONTEXTS
-            attn_batches = (1, 32) if args.quick else ATTN_BATCHES
-            attention = [bench_attention(b, c, args) for c in contexts for b in attn_batches]
-
     result = {
         "peak_gbps": args.peak_gbps, "ops_per_graph": OPS_PER_GRAPH, "replays": args.replays,
-        "linear": linear, "fused": fused, "attention": attention, "attention_skipped": attention_skipped,
+        "linear": linear, "fused": fused,
         "tuned": {f"{n}x{k}": [(m, c.name) for m, c in entries] for (n, k), entries in table.items()},
     }  # fmt: skip
     path = write_result(args.result_dir, info, result)
@@ -502,18 +392,6 @@ def main() -> None:
              "speedup", "best_fused", "best_us", "bitwise", "checks"],
             [_fused_summary(row) for row in fused],
         )  # fmt: skip
-    if attention:
-        print()
-        print_grid(
-            ["batch", "context", "tc_us", "tc_%", "no_tc_us", "no_tc_%", "faster_cores"],
-            [
-                [a.batch, a.context, a.tensor_cores.us, a.tensor_cores.pct_peak, a.cuda_cores.us,
-                 a.cuda_cores.pct_peak, "tensor" if a.tensor_cores.us < a.cuda_cores.us else "cuda"]
-                for a in attention
-            ],
-        )  # fmt: skip
-    elif attention_skipped:
-        print(f"\nattention skipped: {attention_skipped}")
 
 
 if __name__ == "__main__":

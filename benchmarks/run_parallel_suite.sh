@@ -23,8 +23,8 @@
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 #   constrained_gaps  batch-64 decode, every request constrained by a grammar and none: step period and GPU
 #                   idle between steps (profile_decode), on card 0
-#   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then FlashInfer decode
-#                   with and without tensor cores, on card 0
+#   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then
+#                   bench_decode_attention: FlashInfer decode plans, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few files).
@@ -140,8 +140,8 @@ for stage in "$@"; do
           --batch-size 64 --input-len 1024 --output-len 200 --skip-steps 20 ${grammar:+--ebnf "$grammar"}
       done ;;
     gemv)
-      job 0 gemv_linear $BENCH.bench_gemv --only linear
-      job 0 gemv_attention $BENCH.bench_gemv --only attention ;;
+      job 0 gemv_linear $BENCH.bench_gemv
+      job 0 gemv_attention $BENCH.bench_decode_attention ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac
