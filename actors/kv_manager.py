@@ -50,6 +50,7 @@ class KVManager:
             return
         match = self.tree.match_prefix(tokens[: len(tokens) - 1])
         self.tree.lock(match.last_node)
+        req.cache_tried_len = 0
         req.last_node = match.last_node
         req.slots = match.slots.tolist()
         req.prefix_len = req.planned_len = len(req.slots)
@@ -62,9 +63,11 @@ class KVManager:
         the same tokens meanwhile, this request's slots are a second copy, which the worker's table keeps
         reading until the release (then they are freed as duplicates). Mutates req.prefix_len/last_node.
         """
-        if not self.cache_enabled or length <= req.prefix_len or req.params.prompt_logprobs is not None:
+        if (not self.cache_enabled or length <= max(req.prefix_len, req.cache_tried_len)
+                or req.params.prompt_logprobs is not None):
             return
         assert length <= req.planned_len
+        req.cache_tried_len = length
         tokens = req.tokens()[:length]
         if len(self.tree.match_prefix(tokens).slots) != req.prefix_len:
             return

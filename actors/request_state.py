@@ -40,7 +40,7 @@ class Req:
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
         "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
-        "announced", "head_hash",
+        "announced", "head_hash", "cache_tried_len",
     )
 
     def __init__(
@@ -65,6 +65,9 @@ class Req:
         self.row = -1
         self.slots: list[int] = []
         self.prefix_len = 0
+        # Longest prefix KVManager.cache_prefix tried to hand to the tree since admission (it gives up where
+        # another request cached the same tokens first: retrying every step cost a tree walk per row).
+        self.cache_tried_len = 0
         self.last_node: TreeNode | None = None
         self.planned_len = 0
         self.pending_step = -1  # step whose sample for this request is not applied yet, or -1

@@ -119,6 +119,27 @@ def test_concurrent_requests_share_a_system_prompt_computed_once(policy: str) ->
     core.check_integrity()
 
 
+def test_a_prompt_cached_by_another_request_is_not_retried_every_step() -> None:
+    """Two requests with one 20-token prompt (too short for admission's hold-back) prefill in the same step:
+    the first hands the prompt to the tree, the second's copy is a duplicate. It tries once, not at every
+    decode step (that cost a tree walk per row and step)."""
+    prompt = list(range(4, 24))
+    core, worker = make()
+    walks = 0
+    match = core.kv.tree.match_prefix
+
+    def counting_match(tokens: list[int]) -> object:
+        nonlocal walks
+        walks += 1
+        return match(tokens)
+
+    core.kv.tree.match_prefix = counting_match  # type: ignore[method-assign]
+    got = outputs(run(core, worker, {0: [("a", prompt, 30), ("b", prompt, 30)]}))
+    assert got["a"] == got["b"] == reference_generate(prompt, 30, {STOP})
+    assert walks <= 8, f"{walks} tree walks for two requests"
+    core.check_integrity()
+
+
 def test_disabled_cache_recomputes() -> None:
     core, worker = make(disable_radix_cache=True)
     prefix = list(range(4, 60))
