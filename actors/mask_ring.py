@@ -12,7 +12,8 @@ ring by then (it copies a step's masks before launching the next step, and step 
 before all ranks have launched it: its all-reduces wait for them).
 
 Workers on other nodes cannot map the file: their groups send masks in the message (`MaskRing.create`
-returns None where shared memory is unavailable, too).
+returns None where shared memory is unavailable, too). The engine removes its rings at shutdown; rings of an
+engine that was killed are removed by the next one that makes a ring.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ from radixserve.actors.messages import MaskSlot
 
 SLOTS = 4
 SHM_DIR = Path("/dev/shm")
+PREFIX = "radixserve-masks-"  # then the creating process's pid: files of dead processes are removed
+
+
+def remove_orphans(directory: Path) -> None:
+    """Remove the rings of engines that died without closing them (the file outlives its process)."""
+    for path in directory.glob(f"{PREFIX}*"):
+        try:
+            pid = int(path.name[len(PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live process
 
 
 class MaskRing:
@@ -51,9 +65,10 @@ class MaskRing:
             stat = os.statvfs(directory)
         except OSError:
             return None
+        remove_orphans(directory)
         if stat.f_bavail * stat.f_frsize < 2 * SLOTS * rows * words * 4:
             return None
-        return cls(str(directory / f"radixserve-masks-{uuid.uuid4().hex}"), rows, words, create=True)
+        return cls(str(directory / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"), rows, words, create=True)
 
     def slot(self, step: int, num_rows: int) -> np.ndarray:
         """The first `num_rows` masks of `step`'s slot: [num_rows, words] int32, writable."""

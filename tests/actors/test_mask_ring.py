@@ -3,12 +3,15 @@ ring grows into a new file (readers follow the path), and closing removes the fi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from radixserve.actors.mask_ring import SLOTS, MaskRing, MaskRingReader
+from radixserve.actors.mask_ring import PREFIX, SLOTS, MaskRing, MaskRingReader
 from radixserve.actors.messages import MaskSlot, StepMask, WorkerInbox
 
 
@@ -33,6 +36,19 @@ def test_slots_are_shared_and_rotate(tmp_path: Path) -> None:
     reader.close()
     bigger.close(unlink=True)
     assert not Path(ring.path).exists() and not Path(bigger.path).exists()
+
+
+def test_rings_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = tmp_path / f"{PREFIX}{dead.stdout.strip()}-abc"
+    live = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    other = tmp_path / "something-else"
+    for path in (orphan, live, other):
+        path.write_bytes(b"x")
+    ring = MaskRing.create(rows=2, words=3, directory=tmp_path)
+    assert ring is not None and not orphan.exists() and live.exists() and other.exists()
+    ring.close(unlink=True)
 
 
 def test_no_room_means_no_ring(tmp_path: Path) -> None:
