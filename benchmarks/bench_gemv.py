@@ -1,9 +1,7 @@
-"""Decode-time kernels on one GPU, each timed inside a CUDA graph as the decode step runs them.
+"""Decode-time linear layers on one GPU, each timed inside a CUDA graph as the decode step runs them.
 
-  linear     Llama-3.1-8B's projections at TP1 and TP2, batch M = 1..16: cuBLAS (F.linear) against the Triton
-             skinny GEMM (ops/triton_gemv.py) in every candidate config; bandwidth = (W + x + y) bytes / time.
-             Then at M = 1, the GEMVs with a fused prologue (ops/fused_decode.py) against the unfused pair:
-             rms_norm + skinny_matmul (qkv, gate_up) and silu_and_mul + skinny_matmul (down).
+Llama-3.1-8B's projections at TP1 and TP2, batch M = 1..16: cuBLAS (F.linear) against the Triton skinny GEMM
+(ops/triton_gemv.py) in every candidate config; bandwidth = (W + x + y) bytes / time.
 
     python -m radixserve.benchmarks.bench_gemv [--peak-gbps 3350] [--out DIR] [--quick]
 
@@ -33,8 +31,6 @@ from radixserve.benchmarks.common import DEFAULT_RESULT_DIR, print_grid, run_inf
 OPS_PER_GRAPH = 50
 MAX_REL_ERR = 1e-2  # against cuBLAS, both bf16 outputs of float32 sums: a bf16 ulp or two
 BATCHES = (1, 2, 4, 8, 16)
-FUSED_PROLOGUES = {"qkv": "rms_norm", "gate_up": "rms_norm", "down": "silu_mul"}  # the op before each GEMV
-EPS = 1e-5  # Llama-3.1's rms_norm_eps
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,26 +78,6 @@ class LinearRow:
     triton: list[TritonRun]
     best: str | None  # the fastest config whose output matches cuBLAS
     speedup: float | None  # cublas us / best us
-
-
-@dataclass(frozen=True, slots=True)
-class FusedRow:
-    layer: str
-    tp: int
-    n: int
-    k: int  # the GEMV's K (for down, gate_up is [1, 2 * K])
-    prologue: str  # "rms_norm" (with a residual) or "silu_mul"
-    config: str  # pick_fma_config(N, K): what the unfused GEMV and the fused kernel run with
-    gemv_us: float  # skinny_matmul alone
-    unfused_us: float  # the elementwise kernel + skinny_matmul
-    fused_us: float
-    max_rel_err: float  # max |fused - unfused| / max |unfused|
-    bitwise: bool  # fused == unfused
-    residual_equal: bool | None  # rms_norm's residual out, bitwise; None for silu_mul
-    deterministic: bool  # two fused runs bitwise equal
-    best_config: str | None  # the fastest fused candidate config that matches and is deterministic
-    best_us: float | None
-    failed: list[str]  # candidate configs that failed, mismatched or were nondeterministic
 
 
 def make_timing(us: float, nbytes: int, peak_gbps: float) -> Timing:
@@ -190,109 +166,6 @@ def bench_layer(layer: Layer, batches: Sequence[int], args: argparse.Namespace) 
     return rows
 
 
-# ------------------------------------------------------------------------------- fused prologue (M == 1)
-
-
-def _norm_then_gemv(x: Any, residual: Any, norm_w: Any, w: Any, config: Any) -> Any:
-    from radixserve.ops.triton_fused import rms_norm
-    from radixserve.ops.triton_gemv import skinny_matmul
-
-    normed, _ = rms_norm(x, norm_w, EPS, residual)
-    return skinny_matmul(normed, w, config=config)
-
-
-def _silu_then_gemv(gate_up: Any, w: Any, config: Any) -> Any:
-    from radixserve.ops.triton_fused import silu_and_mul
-    from radixserve.ops.triton_gemv import skinny_matmul
-
-    return skinny_matmul(silu_and_mul(gate_up), w, config=config)
-
-
-def bench_fused(layer: Layer, args: argparse.Namespace) -> FusedRow:
-    """One GEMV at M = 1 with the op before it: the unfused pair, the fused kernel with the same config, and
-    the fused kernel in every CUDA-core candidate config."""
-    import torch
-
-    from radixserve.ops.fused_decode import rms_norm_matmul, silu_mul_matmul
-    from radixserve.ops.triton_gemv import candidate_configs, pick_fma_config, skinny_matmul
-
-    dtype, device = torch.bfloat16, torch.device("cuda")
-    prologue = FUSED_PROLOGUES[layer.name]
-    w0 = torch.randn(layer.n, layer.k, dtype=dtype, device=device) / math.sqrt(layer.k)
-    weights = [w0] + [w0.clone() for _ in range(rotation(w0.nbytes) - 1)]
-    cycle = [weights[i % len(weights)] for i in range(OPS_PER_GRAPH)]
-    picked = pick_fma_config(layer.n, layer.k)
-    # The activations are a few KB and L2-resident, as the previous kernel's outputs are in a decode step.
-    if prologue == "rms_norm":
-        x, residual = (torch.randn(1, layer.k, dtype=dtype, device=device) for _ in range(2))
-        norm_w = 1 + 0.1 * torch.randn(layer.k, dtype=dtype, device=device)
-        gemv_in = torch.randn(1, layer.k, dtype=dtype, device=device)
-        unfused_op: Callable[..., Any] = partial(_norm_then_gemv, x, residual, norm_w)
-
-        def fused(w: Any, config: Any) -> tuple[Any, Any]:
-            return rms_norm_matmul(x, residual, norm_w, EPS, w, config=config)
-    else:
-        gate_up = torch.randn(1, 2 * layer.k, dtype=dtype, device=device)
-        gemv_in = torch.randn(1, layer.k, dtype=dtype, device=device)
-        unfused_op = partial(_silu_then_gemv, gate_up)
-
-        def fused(w: Any, config: Any) -> tuple[Any, Any]:
-            return silu_mul_matmul(gate_up, w, config=config), None
-
-    gemv_us = graph_us([partial(skinny_matmul, gemv_in, w, config=picked) for w in cycle], args.replays)
-    unfused = unfused_op(w0, picked)
-    y, res_out = fused(w0, picked)
-    residual_equal = None
-    if prologue == "rms_norm":
-        from radixserve.ops.triton_fused import rms_norm
-
-        residual_equal = torch.equal(res_out, rms_norm(x, norm_w, EPS, residual)[1])
-    err = ((y.float() - unfused.float()).abs().max() / unfused.float().abs().max()).item()
-    again = fused(w0, picked)
-    deterministic = torch.equal(again[0], y) and (res_out is None or torch.equal(again[1], res_out))
-    unfused_us = graph_us([partial(unfused_op, w, picked) for w in cycle], args.replays)
-    fused_us = graph_us([partial(fused, w, picked) for w in cycle], args.replays)
-    good: dict[str, float] = {}
-    failed: list[str] = []
-    for config in candidate_configs(1):
-        if config.tensor_cores:
-            continue
-        # NOTE: as in bench_layer, one config failing must not end the sweep.
-        try:
-            out = fused(w0, config)[0]
-            ok = _close(((out.float() - unfused.float()).abs().max() / unfused.float().abs().max()).item())
-            if ok and torch.equal(fused(w0, config)[0], out):
-                good[config.name] = graph_us([partial(fused, w, config) for w in cycle], args.replays)
-            else:
-                failed.append(config.name)
-        except Exception as exc:
-            failed.append(f"{config.name} ({type(exc).__name__}: {exc})"[:300])
-    best = min(good, key=good.__getitem__, default=None)
-    row = FusedRow(
-        layer.name, layer.tp, layer.n, layer.k, prologue, picked.name, gemv_us, unfused_us, fused_us, err,
-        torch.equal(y, unfused), residual_equal, deterministic, best, good[best] if best else None, failed,
-    )  # fmt: skip
-    print(
-        f"fused {prologue} + {layer.name} tp{layer.tp} {layer.n}x{layer.k} ({picked.name}): "
-        f"gemv {gemv_us:.1f} us, unfused {unfused_us:.1f} us, fused {fused_us:.1f} us; best fused {best} "
-        f"{good[best] if best else math.nan:.1f} us" + (f"; failed: {failed}" if failed else ""),
-        flush=True,
-    )
-    del weights, cycle, w0
-    torch.cuda.empty_cache()
-    return row
-
-
-def _fused_summary(row: FusedRow) -> list[Any]:
-    ok = row.deterministic and row.residual_equal is not False and _close(row.max_rel_err)
-    return [
-        row.layer, row.tp, row.n, row.k, row.prologue, row.config, row.gemv_us, row.unfused_us, row.fused_us,
-        row.unfused_us - row.fused_us, row.unfused_us / row.fused_us, row.best_config or "-",
-        row.best_us if row.best_us is not None else "-", "yes" if row.bitwise else f"{row.max_rel_err:.1e}",
-        "ok" if ok else "BAD",
-    ]  # fmt: skip
-
-
 def _close(rel_err: float | None) -> bool:
     return rel_err is not None and rel_err < MAX_REL_ERR
 
@@ -371,11 +244,10 @@ def main() -> None:
     layers = [layer for layer in LAYERS if layer.tp == 1] if args.quick else LAYERS
     batches = (1, 8) if args.quick else BATCHES
     linear = [row for layer in layers for row in bench_layer(layer, batches, args)]
-    fused = [bench_fused(layer, args) for layer in layers if layer.name in FUSED_PROLOGUES]
     table = tuned_table(linear)
     result = {
         "peak_gbps": args.peak_gbps, "ops_per_graph": OPS_PER_GRAPH, "replays": args.replays,
-        "linear": linear, "fused": fused,
+        "linear": linear,
         "tuned": {f"{n}x{k}": [(m, c.name) for m, c in entries] for (n, k), entries in table.items()},
     }  # fmt: skip
     path = write_result(args.result_dir, info, result)
@@ -385,13 +257,6 @@ def main() -> None:
     if linear:
         header = ["layer", "tp", "N", "K", "M", "cublas_us", "cublas_%", "triton_us", "triton_%", "speedup"]
         print_grid([*header, "best", "rel_err"], [_summary(row) for row in linear])
-    if fused:
-        print("\nM = 1, the op before the GEMV fused into it (us per op; unfused: same config, 2 kernels)")
-        print_grid(
-            ["layer", "tp", "N", "K", "prologue", "config", "gemv_us", "unfused_us", "fused_us", "saved_us",
-             "speedup", "best_fused", "best_us", "bitwise", "checks"],
-            [_fused_summary(row) for row in fused],
-        )  # fmt: skip
 
 
 if __name__ == "__main__":

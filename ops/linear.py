@@ -20,15 +20,11 @@ from radixserve.ops.parallel import TPGroup
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or on the GPU for decode batches (at most 16 rows) the Triton skinny GEMM: one row always
-    (it beat cuBLAS on every Llama-3.1-8B shape, 1.03-1.32x on an H100), more rows where bench_gemv measured
-    the shape (ops/triton_gemv.TUNED)."""
-    if x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= 16 and x.stride(-1) == 1 and weight.stride(-1) == 1:
+    """F.linear, or the Triton skinny GEMM for decode batches on the GPU where it beats cuBLAS."""
+    if x.is_cuda:
         from radixserve.ops import triton_gemv
 
-        if x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and (
-            x.shape[0] == 1 or tuple(weight.shape) in triton_gemv.TUNED
-        ):
+        if triton_gemv.faster_than_cublas(x, weight):
             return triton_gemv.skinny_matmul(x, weight, bias)
     return F.linear(x, weight, bias)
 

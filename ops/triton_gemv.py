@@ -25,7 +25,7 @@ Two kernels, picked by SkinnyConfig.tensor_cores:
     On CUDA cores, M > 1 would need M accumulators of [BLOCK_N, BLOCK_K] (out of registers by M = 4) or a
     cross-thread reduction per chunk and per row; tensor cores avoid both.
 Which of the two wins at M == 1 is for the GPU benchmark (benchmarks/bench_gemv.py) to say; its results fill
-TUNED. ops/fused_decode.py runs the CUDA-core loop with the RMSNorm or SiLU-and-mul before it fused in.
+TUNED.
 
 Launch shapes are host ints and the only allocation is the output (torch.empty): CUDA-graph capturable. Pick
 configs from the static table, never triton.autotune: autotuning during a graph capture would time kernels
@@ -158,19 +158,23 @@ def candidate_configs(m: int) -> list[SkinnyConfig]:
     return [c for c in CANDIDATES if c.tensor_cores or m == 1]
 
 
+def faster_than_cublas(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether to run y = x @ weight^T here rather than in cuBLAS: CUDA, 16-bit, at most MAX_M rows with unit
+    stride in K; one row always (it beat cuBLAS on every Llama-3.1-8B shape, 1.03-1.32x on an H100), more rows
+    where bench_gemv measured the weight's shape (TUNED)."""
+    return (
+        x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1
+        and (x.shape[0] == 1 or tuple(weight.shape) in TUNED)
+    )
+
+
 def pick_config(m: int, n: int, k: int) -> SkinnyConfig:
     """The config for y[m, n] = x[m, k] @ W[n, k]^T: TUNED's entry for (n, k) when there is one."""
     for max_m, config in TUNED.get((n, k), ()):
         if m <= max_m:
             return config
     return _default_config(m, n, k)
-
-
-def pick_fma_config(n: int, k: int) -> SkinnyConfig:
-    """The CUDA-core config for one row of x: pick_config(1, n, k), or the untuned guess where TUNED chose
-    tensor cores at M == 1 (the prologue-fused GEMVs of ops/fused_decode.py have a CUDA-core kernel only)."""
-    config = pick_config(1, n, k)
-    return config if not config.tensor_cores else _default_config(1, n, k)
 
 
 def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
