@@ -96,7 +96,7 @@ class ConstrainedSteps:
             self.jump_forward(req, cfg)
         elif req.grammar.forces_text():
             # In flight means planned in the next step, as a decode row that samples (it had a pending sample).
-            assert req.pending_step >= 0 and req.inflight == 1, "a constrained request in flight without a sample"
+            assert req.pending_step >= 0 and req.inflight == 1, "constrained request in flight without a sample"
             req.discard_step = req.pending_step
 
     def after_dropped_sample(self, req: Req, token: int, cfg: SchedulerConfig) -> None:

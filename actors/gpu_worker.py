@@ -159,7 +159,8 @@ class TokenAgreementCheck:
         tokens = torch.frombuffer(bytearray(pending.result().tokens), dtype=torch.int32)
         ranks = self.tp.all_gather(tokens.to(self.runner.device).unsqueeze(0), dim=0)  # [tp, B]
         if not bool((ranks == ranks[0]).all()):
-            raise RuntimeError(f"step {launched.prep.plan.step}: the tensor-parallel ranks sampled different tokens")
+            step = launched.prep.plan.step
+            raise RuntimeError(f"step {step}: the tensor-parallel ranks sampled different tokens")
         return pending
 
 

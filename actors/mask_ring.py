@@ -60,7 +60,7 @@ class MaskRing:
 
     @classmethod
     def create(cls, rows: int, words: int, directory: Path = SHM_DIR) -> MaskRing | None:
-        """A new ring for `rows` masks per step, or None when `directory` lacks the room (or does not exist)."""
+        """A new ring for `rows` masks per step, or None when `directory` lacks room or does not exist."""
         try:
             stat = os.statvfs(directory)
         except OSError:
@@ -87,7 +87,7 @@ class MaskRing:
 
 
 class MaskRingReader:
-    """A worker's side: maps the ring a MaskSlot names (again when the scheduler replaced it by a larger one)."""
+    """A worker's side: maps the ring a MaskSlot names (anew when the scheduler replaced it by a larger one)."""
 
     def __init__(self) -> None:
         self._ring: MaskRing | None = None

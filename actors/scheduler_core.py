@@ -11,9 +11,9 @@ the grammar then forces is appended (jump-forward), computed as an extend chunk.
 request rides every step like any other: when its row's input is a sample still in flight, the mask cannot
 exist yet, so the plan goes out with `grammar_mask_follows` and the step's masks follow in a StepMask as
 soon as that sample is applied (`take_step_mask`, before the next plan is made); the worker waits for them
-after launching the forward pass, so computing them hides under the GPU's work. Jump-forward needs the request quiet: when its grammar
-forces text after a sample whose successor step is already in flight, that successor's sample is dropped
-(`Req.discard_step`) and the jump happens when it returns.
+after launching the forward pass, so computing them hides under the GPU's work. Jump-forward needs the
+request quiet: when its grammar forces text after a sample whose successor step is already in flight, that
+successor's sample is dropped (`Req.discard_step`) and the jump happens when it returns.
 """
 
 from __future__ import annotations

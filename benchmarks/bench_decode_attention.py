@@ -80,8 +80,8 @@ def bench_attention(batch: int, context: int, args: argparse.Namespace) -> Atten
         us = graph_us([partial(wrapper.run, q, kv) for kv in cycle], args.replays)
         timings[name] = make_timing(us, nbytes, args.peak_gbps)
     diff = max((out - outputs[0]).abs().max().item() for out in outputs)
-    print(f"attention batch {batch} context {context}: "
-          + ", ".join(f"{k} {t.us:.1f} us" for k, t in timings.items()) + f", max |diff| {diff:.2e}", flush=True)
+    times = ", ".join(f"{k} {t.us:.1f} us" for k, t in timings.items())
+    print(f"attention batch {batch} context {context}: {times}, max |diff| {diff:.2e}", flush=True)
     del pools, cycle, workspace
     torch.cuda.empty_cache()
     return AttentionRow(batch, context, nbytes, timings, diff)
@@ -107,11 +107,11 @@ def main() -> None:
     rows = [bench_attention(b, c, args) for c in contexts for b in batches]
     path = write_result(args.result_dir, info, {"peak_gbps": args.peak_gbps, "rows": rows})
     print(f"\nresult: {path}  ({info.device}; % of {args.peak_gbps:.0f} GB/s)")
-    print_grid(
-        ["batch", "context", *(f"{k}_us" for k in PLANS), "fastest"],
-        [[r.batch, r.context, *(t.us for t in r.timings.values()), min(r.timings, key=lambda k: r.timings[k].us)]
-         for r in rows],
-    )
+    table = []
+    for r in rows:
+        fastest = min(r.timings, key=lambda name: r.timings[name].us)
+        table.append([r.batch, r.context, *(t.us for t in r.timings.values()), fastest])
+    print_grid(["batch", "context", *(f"{k}_us" for k in PLANS), "fastest"], table)
 
 
 if __name__ == "__main__":

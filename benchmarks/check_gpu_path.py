@@ -81,13 +81,13 @@ async def main(args: argparse.Namespace) -> None:
     res["backend_decode_rel_err"] = check_backend([1, 1, 1, 1], [1, 17, 300, 2048])
     res["backend_extend_rel_err"] = check_backend([5, 300, 1, 64], [5, 1000, 77, 64])
     print(res, flush=True)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (5, 37, 300, 1000, 64)]
     kw = dict(load_format="dummy", context_length=8192)
     async with Engine(args.model, **kw) as eng:
         res["llama8b_bs1_in1024"] = await decode_speed(eng, 1024, 256)
     if args.profile_dir:
-        import cProfile, os, pstats
+        import cProfile
+        import os
+        import pstats
         os.environ["RADIXSERVE_WORKER_PROFILE"] = f"{args.profile_dir}/worker.prof"
         async with Engine(args.model, **kw) as eng:
             await decode_speed(eng, 128, 16)

@@ -99,7 +99,8 @@ class StepTimer:
         self._profile_window(plan.step, rows, tokens)
         if len(self.records) + len(self.open) >= self.cfg.max_steps:
             return
-        self.open[plan.step] = [plan.step, rows, tokens, self.clock.mark(), None, None, self._host(), None, None]
+        mark, host = self.clock.mark(), self._host()
+        self.open[plan.step] = [plan.step, rows, tokens, mark, None, None, host, None, None]
 
     def launch(self, step: int) -> None:
         if (record := self.open.get(step)) is not None:

@@ -45,7 +45,8 @@ class LlamaAttention(nn.Module):
         )  # [T, heads_local, d], [T, kv_local, d]
         kv_store = batch.backend.kv_store(self.layer_id, batch.attn)  # the rotary kernel stores K/V if it may
         q, k = self.rotary_emb(positions, q, k, v, kv_store)
-        o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=kv_store is not None)
+        stored = kv_store is not None
+        o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=stored)
         return self.o_proj(o.reshape(T, -1))  # [T, hidden]
 
 

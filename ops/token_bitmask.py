@@ -29,7 +29,7 @@ def apply_token_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> None:
 
         apply_token_bitmask_triton(logits, rows, bitmask)
         return
-    # Host: unpack the bits with numpy (little-endian words, so byte order is bit order), then fill each row in
+    # Host: unpack the bits with numpy (little-endian words: byte order is bit order), then fill each row in
     # place (a gathered copy of the rows costs more than the fill on a host: fresh pages for [G, V] floats).
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=V, bitorder="little")  # [G, V] 0/1
     blocked = torch.from_numpy(bits == 0)

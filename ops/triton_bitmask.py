@@ -35,7 +35,9 @@ def apply_token_bitmask_triton(logits: torch.Tensor, rows: torch.Tensor, bitmask
     G, W = bitmask.shape
     V = logits.shape[1]
     if logits.stride(1) != 1 or bitmask.stride(1) != 1:
-        raise ValueError(f"logits and bitmask need unit last strides, got {logits.stride()}, {bitmask.stride()}")
+        raise ValueError(
+            f"logits and bitmask need unit last strides, got {logits.stride()}, {bitmask.stride()}"
+        )
     if G == 0:
         return
     _apply_bitmask_kernel[(G, triton.cdiv(V, BLOCK))](

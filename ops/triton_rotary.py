@@ -82,11 +82,13 @@ def apply_rotary_inplace(
         if v is None or v.shape != k.shape or v.stride(-1) != 1:
             raise ValueError(f"storing K/V needs v shaped like k {tuple(k.shape)} with a unit last stride")
         if k_buf.shape[1:] != k.shape[1:] or v_buf.shape != k_buf.shape or k_buf.stride(-1) != 1:
-            raise ValueError(f"KV buffers {tuple(k_buf.shape)} / {tuple(v_buf.shape)} do not fit k {tuple(k.shape)}")
+            raise ValueError(
+                f"KV buffers {tuple(k_buf.shape)} / {tuple(v_buf.shape)} do not fit k {tuple(k.shape)}"
+            )
         if slots.shape != (T,) or not slots.is_contiguous():
             raise ValueError(f"slots must be a contiguous [{T}] tensor, got {tuple(slots.shape)}")
         store: tuple[torch.Tensor, ...] = (v, k_buf, v_buf, slots)
-        store_strides = (v.stride(0), v.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1))
+        store_strides = (*v.stride()[:2], *k_buf.stride()[:2], *v_buf.stride()[:2])
     else:
         store = (k, k, k, positions)  # never read: STORE_KV is off
         store_strides = (0, 0, 0, 0, 0, 0)

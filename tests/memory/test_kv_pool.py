@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable, SlotAllocator
 
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from radixserve.memory.kv_pool import SlotAllocator
 from radixserve.memory.radix_tree import MatchResult, RadixTree, TreeNode
 

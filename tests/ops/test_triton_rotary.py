@@ -42,7 +42,8 @@ def test_rotary_kernel_stores_kv(dtype: torch.dtype) -> None:
     positions = torch.tensor([3, 0, 255, 17, 9])
     slots = torch.tensor([7, 39, 1, 22, 8])
     qkv = torch.randn(T, (n_q + 2 * n_kv) * head_dim).to(dtype)
-    q, k, v = (t.view(T, -1, head_dim) for t in qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], 1))
+    sizes = [n_q * head_dim, n_kv * head_dim, n_kv * head_dim]
+    q, k, v = (t.view(T, -1, head_dim) for t in qkv.split(sizes, 1))
     pools = [torch.randn(num_slots, n_kv, head_dim).to(dtype) for _ in range(2)]
     ref_pools = [p.clone() for p in pools]
     q_ref, k_ref = rope(positions, q.clone(), k.clone(), v, KVStore(*ref_pools, slots))  # the torch path
