@@ -193,7 +193,7 @@ class ModelRunner:
             req_rows=rows_t, seq_lens=seq_t.to(torch.int32), extend_lens=ext_t.to(torch.int32),
             extend_starts=starts_t.to(torch.int32), out_slots=out_slots, req_to_token=self.table.table,
             seq_lens_cpu=tuple(seq_lens.tolist()), extend_lens_cpu=tuple(extend_lens.tolist()),
-            is_decode=T == B,
+            is_decode=T == B, shared_lens_cpu=tuple(_arr(plan.shared_lens, "<i4").tolist()),
         )
         graph_size = None
         if attn.is_decode and self.graphs is not None and self.graphs.padded_size(B) is not None:

@@ -40,7 +40,7 @@ class Req:
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
         "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
-        "announced", "head_hash", "cache_tried_len",
+        "announced", "head_hash", "cache_tried_len", "shared_with_prev",
     )
 
     def __init__(
@@ -89,6 +89,7 @@ class Req:
         self.discard_step = -1
         self.announced = False  # its NewRequest went to the workers since it was (re)admitted
         self.head_hash = 0  # of its prompt's head (scheduler_core.HEAD tokens): groups shared system prompts
+        self.shared_with_prev = 0  # KV slots shared with the decode row before it, last time (shared_prefix.py)
 
     @property
     def num_tokens(self) -> int:

@@ -39,6 +39,7 @@ from radixserve.actors.messages import (
 )
 from radixserve.actors.request_state import Req, ReqStatus
 from radixserve.actors.schedule_policy import order_waiting
+from radixserve.actors.shared_prefix import shared_prefix_lens
 from radixserve.outputs import FinishReason
 
 # Prompt tokens that identify a shared head (a system prompt) for admission's hold-back (see
@@ -340,7 +341,14 @@ class SchedulerCore:
             grammar_bitmask=b"" if record.mask_follows else self.constrained.bitmasks(record.constrained, step),
             grammar_mask_follows=record.mask_follows,
             appended_tokens=appended,
+            shared_lens=self._shared_lens(rows),
         )
+
+    def _shared_lens(self, rows: list[tuple[Req, int]]) -> bytes:
+        """StepPlan.shared_lens of a decode step (attention may read a shared prefix once per group)."""
+        if not self.kv.cache_enabled or len(rows) < 2 or any(n != 1 for _, n in rows):
+            return b""
+        return i32(shared_prefix_lens([req for req, _ in rows]))
 
     @property
     def num_jump_forward_tokens(self) -> int:

@@ -8,13 +8,24 @@ Reports what SGLang's bench_offline_throughput reports: request throughput, inpu
 per second and the duration, measured from the first submission to the last completion. Every EngineConfig
 field is a flag (--max-total-tokens, --chunked-prefill-size, --disable-overlap-schedule, ...). Prompts are
 token ids with fixed output lengths (ignore_eos), so any model works, random weights included.
+
+With `--step-timing` the worker also marks every step (step_timer.py: CUDA events on the GPU, the host clock
+on the CPU), and the result adds where the device time of the measured run went (warm-up steps left out),
+by kind of step: decode steps (one token per row) that replay a CUDA graph (rows <= the largest captured
+size: cuda_graph_max_bs, capped by max_running_requests + 1 and the capture sizes), decode steps run eagerly,
+and steps with prompt tokens (mixed / prefill). A step's period is launch[n+1] - launch[n] (the last one's:
+end - launch), so the periods add up to the device span of the run; idle after a step is
+max(launch[n+1] - end[n], 0). With --tp-size > 1 every rank runs the same steps; with --dp-size > 1 only the
+replica with the most steps is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +35,7 @@ from radixserve.benchmarks.common import (
     add_common_args,
     add_engine_args,
     engine_kwargs,
+    print_grid,
     print_table,
     run_info,
     write_result,
@@ -35,10 +47,65 @@ from radixserve.benchmarks.datasets import (
     random_requests,
     summary,
 )
+from radixserve.benchmarks.step_timer import (
+    END,
+    LAUNCH,
+    ROWS,
+    STEP,
+    TOKENS,
+    StepTimingConfig,
+    load_steps,
+    step_timing_env,
+    steps_between,
+)
+from radixserve.config import EngineConfig
 from radixserve.engine import Engine
 
 FLUSH_TIMEOUT = 30.0
 WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN = 256, 16  # SGLang's bench_offline_throughput warm-up
+# Buckets of rows per decode step (inclusive; None: no upper end) for --step-timing's histogram.
+DECODE_ROW_BUCKETS: tuple[tuple[int, int | None], ...] = (
+    (1, 16), (17, 64), (65, 160), (161, 256), (257, 512), (513, None),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepKindStats:
+    kind: str  # "decode_graph", "decode_eager" or "mixed" (prompt tokens in the step)
+    steps: int
+    period_s: float  # sum of the steps' periods
+    share: float  # of the run's device span (the sum of every period)
+    idle_s: float  # device idle right after these steps: sum of max(launch[n+1] - end[n], 0)
+    mean_rows: float  # requests per step
+    mean_tokens: float  # tokens through the model per step (prompt tokens + one per decode row)
+    tokens_per_s: float  # sum(tokens) / period_s
+
+
+@dataclass(frozen=True, slots=True)
+class RowBucket:
+    rows: str  # "1-16", ..., ">512"
+    steps: int  # decode steps with that many rows
+    period_s: float
+    share: float  # of the run's device span
+
+
+@dataclass(frozen=True, slots=True)
+class StepBreakdown:
+    clock: str  # "cuda_events" or "host"
+    graph_max_rows: int  # decode steps of at most this many rows replay a CUDA graph (0: none)
+    steps: int
+    span_s: float  # sum of every period: first launch to last end on the device's clock
+    idle_s: float
+    idle_fraction: float  # idle_s / span_s
+    kinds: tuple[StepKindStats, ...]  # decode_graph, decode_eager, mixed
+    decode_rows: tuple[RowBucket, ...]  # decode steps by rows (DECODE_ROW_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredRun:
+    start_ns: int  # time.perf_counter_ns() at the first submission
+    end_ns: int  # ... and after the last completion
+    graph_max_rows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +122,7 @@ class OfflineResult:
     max_concurrency: int | None
     kv_slots: int
     dataset: dict[str, float]
+    step_breakdown: StepBreakdown | None = None  # --step-timing
 
 
 def sampling_params(req: BenchRequest, temperature: float) -> dict[str, Any]:
@@ -108,7 +176,63 @@ def check_fits(requests: list[BenchRequest], context_length: int) -> None:
                          f"(longest prompt + output: {worst}); shorten them or raise --context-length")
 
 
-async def benchmark(args: argparse.Namespace) -> OfflineResult:
+def graph_max_rows(config: EngineConfig, device: str) -> int:
+    """The most rows a decode step may have and replay a CUDA graph (gpu_worker's limit; 0: no graphs)."""
+    if not device.startswith("cuda") or config.disable_cuda_graph:
+        return 0
+    from radixserve.actors.cuda_graph_runner import capture_sizes
+
+    # The worker captures up to min(cuda_graph_max_bs, max_rows); the engine's max_rows has one pad row.
+    return capture_sizes(min(config.cuda_graph_max_bs, config.max_running_requests + 1))[-1]
+
+
+def step_breakdown(steps: np.ndarray, graph_max_rows: int, clock: str = "cuda_events") -> StepBreakdown:
+    """Where the device time of a run of step_timer records (ms, any order) went, by kind of step."""
+    steps = steps[np.isfinite(steps[:, [LAUNCH, END]]).all(axis=1)]
+    steps = steps[np.argsort(steps[:, STEP], kind="stable")]
+    if not len(steps):
+        raise ValueError("no timed steps")
+    launch, end, rows, tokens = steps[:, LAUNCH], steps[:, END], steps[:, ROWS], steps[:, TOKENS]
+    period = np.append(np.diff(launch), end[-1] - launch[-1]) / 1e3
+    idle = np.append(np.maximum(launch[1:] - end[:-1], 0.0), 0.0) / 1e3
+    span = float(period.sum())
+    decode = tokens == rows
+
+    def share(seconds: float) -> float:
+        return seconds / span if span > 0 else 0.0
+
+    def kind(name: str, mask: np.ndarray) -> StepKindStats:
+        n, seconds = int(mask.sum()), float(period[mask].sum())
+        return StepKindStats(
+            kind=name, steps=n, period_s=seconds, share=share(seconds), idle_s=float(idle[mask].sum()),
+            mean_rows=float(rows[mask].mean()) if n else 0.0,
+            mean_tokens=float(tokens[mask].mean()) if n else 0.0,
+            tokens_per_s=float(tokens[mask].sum()) / seconds if seconds > 0 else 0.0,
+        )
+
+    buckets = []
+    for low, high in DECODE_ROW_BUCKETS:
+        mask = decode & (rows >= low) & (rows <= (high if high is not None else np.inf))
+        seconds = float(period[mask].sum())
+        label = f"{low}-{high}" if high is not None else f">{low - 1}"
+        buckets.append(RowBucket(rows=label, steps=int(mask.sum()), period_s=seconds, share=share(seconds)))
+    return StepBreakdown(
+        clock=clock,
+        graph_max_rows=graph_max_rows,
+        steps=len(steps),
+        span_s=span,
+        idle_s=float(idle.sum()),
+        idle_fraction=share(float(idle.sum())),
+        kinds=(
+            kind("decode_graph", decode & (rows <= graph_max_rows)),
+            kind("decode_eager", decode & (rows > graph_max_rows)),
+            kind("mixed", ~decode),
+        ),
+        decode_rows=tuple(buckets),
+    )
+
+
+async def benchmark(args: argparse.Namespace) -> tuple[OfflineResult, MeasuredRun]:
     async with Engine(args.model_path, **engine_kwargs(args)) as engine:
         assert engine.ready is not None
         vocab = engine.ready.vocab_size
@@ -121,10 +245,12 @@ async def benchmark(args: argparse.Namespace) -> OfflineResult:
             await run_requests(engine, warm, None, args.temperature)
         await flush_cache(engine)
 
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         results = await run_requests(engine, requests, args.max_concurrency, args.temperature)
-        duration = time.perf_counter() - start
+        end = time.perf_counter_ns()
+        duration = (end - start) / 1e9
         kv_slots = engine.ready.num_slots
+        measured = MeasuredRun(start, end, graph_max_rows(engine.config, engine.ready.device))
 
     total_in = sum(r.prompt_len for r in requests)
     total_out = sum(n for n, _ in results)
@@ -144,7 +270,24 @@ async def benchmark(args: argparse.Namespace) -> OfflineResult:
         max_concurrency=args.max_concurrency,
         kv_slots=kv_slots,
         dataset=summary(requests),
-    )
+    ), measured
+
+
+def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[str, Any]]:
+    """The benchmark with every worker step timed; the result with its step breakdown, and the measured
+    steps ({"columns", "steps": ndarray})."""
+    with tempfile.TemporaryDirectory(prefix="radixserve-steps-") as tmp:
+        with step_timing_env(StepTimingConfig(out_dir=tmp), Path(tmp)):
+            result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
+        dumps = load_steps(tmp)
+    if not dumps:
+        raise SystemExit("the worker wrote no step timings (did it exit cleanly?)")
+    if (args.dp_size or 1) > 1:
+        print(f"NOTE: {len(dumps)} workers timed; the step breakdown covers the one with the most steps")
+    dump = max(dumps, key=lambda d: len(d["steps"]))  # TP ranks run the same steps
+    steps = steps_between(dump, measured.start_ns, measured.end_ns)
+    breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"])
+    return replace(result, step_breakdown=breakdown), {"columns": dump["columns"], "steps": steps}
 
 
 def report(result: OfflineResult, device: str) -> None:
@@ -159,6 +302,27 @@ def report(result: OfflineResult, device: str) -> None:
         ("Output token throughput (tok/s)", result.output_throughput),
         ("Total token throughput (tok/s)", result.total_throughput),
     ])
+    if (b := result.step_breakdown) is not None:
+        report_steps(b)
+
+
+def report_steps(b: StepBreakdown) -> None:
+    n = b.graph_max_rows
+    labels = {"decode_graph": f"decode <= {n} rows (graph)" if n else "decode (graph: none)",
+              "decode_eager": f"decode > {n} rows (eager)" if n else "decode (eager)",
+              "mixed": "mixed / prefill"}
+    print(f"\nDevice time by kind of step ({b.clock} clock, {b.steps} steps, span {b.span_s:.3f} s)")
+    print_grid(
+        ["kind", "steps", "period s", "share %", "idle s", "mean rows", "mean tokens", "tok/s"],
+        [(labels[k.kind], k.steps, k.period_s, 100 * k.share, k.idle_s, k.mean_rows, k.mean_tokens,
+          round(k.tokens_per_s)) for k in b.kinds],
+    )
+    print("\nDecode steps by rows")
+    print_grid(["rows", "steps", "period s", "share %"],
+               [(r.rows, r.steps, r.period_s, 100 * r.share) for r in b.decode_rows])
+    print(f"\nDevice idle between steps: {b.idle_s:.3f} s ({100 * b.idle_fraction:.2f}% of the span)")
+    if not b.graph_max_rows:
+        print("(no CUDA graphs in this run: every decode step ran eagerly)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -167,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--warmup-prompts", type=int, default=16, help="warm-up requests (256 in, 16 out)")
+    parser.add_argument("--step-timing", action="store_true",
+                        help="time every worker step; add the device time by kind of step to the result")
     add_common_args(parser)
     add_dataset_args(parser)
     add_engine_args(parser)
@@ -176,8 +342,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> OfflineResult:
     args = parse_args(argv)
     info = run_info("bench_offline", args)
-    result = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
-    path = write_result(args.result_dir, info, result)
+    body: Any
+    if args.step_timing:
+        result, timed = run_with_step_timing(args)
+        body = {**asdict(result), "step_columns": timed["columns"], "steps": timed["steps"].tolist()}
+    else:
+        result, _ = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
+        body = result
+    path = write_result(args.result_dir, info, body)
     report(result, info.device)
     print(f"result: {path}")
     return result

@@ -1,6 +1,7 @@
 """GPU-path checks and a first speed read, in one device call (development tool; JSON to --out).
 
-1. FlashInfer backend vs the torch reference backend on random bf16 inputs (decode and extend rows).
+1. FlashInfer backend vs the torch reference backend on random bf16 inputs (decode and extend rows, and
+   cascade decode of rows sharing a prefix), and the time of plain vs cascade decode attention per layer.
 2. The default model on CUDA (bf16): CUDA-graph decode gives the same greedy tokens as eager decode.
 3. Llama-3.1-8B architecture, random weights: batch-1 decode at input 1024 through the Engine.
 """
@@ -21,23 +22,28 @@ from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBatch
 
 
-def check_backend(extend_lens: list[int], seq_lens: list[int]) -> float:
+def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) -> float:
+    """Relative error of FlashInfer against the torch backend in float32; with `shared`, every row's first
+    `shared` slots are the same (one cached prefix) and the step must run as cascade attention."""
     torch.manual_seed(0)
-    dev, dt, hq, hkv, d, slots = "cuda", torch.bfloat16, 32, 8, 128, 8192
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
+    slots = sum(seq_lens) - shared * (len(seq_lens) - 1) + 1
     k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
     v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
     table = torch.zeros(len(seq_lens), 4096, dtype=torch.int32, device=dev)
-    perm = torch.randperm(slots - 1, device=dev)[: sum(seq_lens)] + 1
-    off = 0
+    perm = torch.randperm(slots - 1, device=dev) + 1
+    table[:, :shared] = perm[:shared].to(torch.int32)
+    off = shared
     for r, s in enumerate(seq_lens):
-        table[r, :s] = perm[off : off + s].to(torch.int32)
-        off += s
+        table[r, shared:s] = perm[off : off + s - shared].to(torch.int32)
+        off += s - shared
     out_slots = torch.cat([table[r, s - e : s] for r, (s, e) in enumerate(zip(seq_lens, extend_lens))]).long()
     starts = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
     batch = AttentionBatch(
         torch.arange(len(seq_lens), device=dev), torch.tensor(seq_lens, device=dev, dtype=torch.int32),
         torch.tensor(extend_lens, device=dev, dtype=torch.int32), torch.tensor(starts, device=dev, dtype=torch.int32),
         out_slots, table, tuple(seq_lens), tuple(extend_lens), all(e == 1 for e in extend_lens),
+        (0,) + (shared,) * (len(seq_lens) - 1) if shared else (),
     )
     t = sum(extend_lens)
     q = torch.randn(t, hq, d, device=dev, dtype=dt)
@@ -45,10 +51,49 @@ def check_backend(extend_lens: list[int], seq_lens: list[int]) -> float:
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
     fi.prepare(batch)
+    assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
     ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])
     ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch)
     return float((out - ref).norm() / ref.norm())
+
+
+def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str, float]:
+    """One decode step's attention (`layers` layers) over rows sharing a `shared`-token prefix, plain batch
+    decode vs cascade: milliseconds (CUDA events, median of 5) and the KV bytes each reads over the H100's
+    copy rate. The pool holds one copy of the prefix, as the radix tree makes it."""
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
+    slots = shared + rows * own + 1
+    k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
+    table[:, :shared] = torch.arange(1, shared + 1, dtype=torch.int32, device=dev)
+    table[:, shared:] = (shared + 1 + torch.arange(rows * own, device=dev)).view(rows, own).to(torch.int32)
+    seq = [shared + own] * rows
+    q = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    res: dict[str, float] = {}
+    for name, shared_lens in (("plain", ()), ("cascade", (0,) + (shared,) * (rows - 1))):
+        batch = AttentionBatch(
+            torch.arange(rows, device=dev), torch.tensor(seq, device=dev, dtype=torch.int32),
+            torch.ones(rows, device=dev, dtype=torch.int32),
+            torch.arange(rows, device=dev, dtype=torch.int32), table[:, -1].long(), table, tuple(seq), (1,) * rows, True, shared_lens)
+        fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
+        fi.prepare(batch)
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for layer in range(layers):
+                fi.forward(q, q[:, :hkv], q[:, :hkv], layer, d**-0.5, batch, kv_stored=True)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        res[f"{name}_ms"] = statistics.median(times[1:])
+        del fi
+    per_token = layers * 2 * hkv * d * 2
+    res["plain_floor_ms"] = rows * (shared + own) * per_token / 3.0e9
+    res["cascade_floor_ms"] = (shared + rows * own) * per_token / 3.0e9
+    return res
 
 
 async def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
@@ -62,6 +107,25 @@ async def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[i
         for i in range(len(prompts)):
             tg.start_soon(one, i)
     return outs
+
+
+async def pdl_same_tokens(model: str) -> bool:
+    """Greedy tokens of 12 concurrent prompts (decode batches of 1-12 rows, CUDA graphs) with the Triton
+    kernels launched with PDL and without: the kernels compute the same bits either way, so any difference
+    is a missing wait (a kernel reading its input before the previous kernel wrote it)."""
+    import os
+
+    from radixserve.ops.pdl import DISABLE_ENV
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(100, 40000, (int(n),)).tolist() for n in torch.randint(8, 600, (12,))]
+    outs = []
+    for disable in ("1", "0"):
+        os.environ[DISABLE_ENV] = disable  # the worker subprocess inherits it
+        async with Engine(model, load_format="dummy", context_length=8192, random_seed=0) as eng:
+            outs.append(await greedy_tokens(eng, prompts))
+    os.environ.pop(DISABLE_ENV)
+    return outs[0] == outs[1]
 
 
 async def decode_speed(engine: Engine, input_len: int, output_len: int) -> dict[str, float]:
@@ -80,6 +144,17 @@ async def main(args: argparse.Namespace) -> None:
     res: dict[str, object] = {"card": torch.cuda.get_device_name()}
     res["backend_decode_rel_err"] = check_backend([1, 1, 1, 1], [1, 17, 300, 2048])
     res["backend_extend_rel_err"] = check_backend([5, 300, 1, 64], [5, 1000, 77, 64])
+    res["backend_cascade_rel_err"] = check_backend(
+        [1] * 16, [2048 + 3 * i for i in range(1, 17)], shared=2048)
+    res["cascade_attention_32_layers"] = time_cascade(rows=1024, shared=2048, own=256)
+    if args.only_attention:
+        print(json.dumps(res, indent=1), flush=True)
+        return
+    if args.pdl_check:
+        res["pdl_same_tokens"] = await pdl_same_tokens(args.model)
+        print(json.dumps(res, indent=1), flush=True)
+        assert res["pdl_same_tokens"], "greedy tokens differ with programmatic dependent launch"
+        return
     print(res, flush=True)
     kw = dict(load_format="dummy", context_length=8192)
     async with Engine(args.model, **kw) as eng:
@@ -110,4 +185,6 @@ if __name__ == "__main__":
     parser.add_argument("--model", default=".bench-models/llama-3.1-8b")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile-dir", default=None)
+    parser.add_argument("--only-attention", action="store_true", help="the backend checks and timings only")
+    parser.add_argument("--pdl-check", action="store_true", help="backend checks, then PDL on/off tokens")
     anyio.run(main, parser.parse_args())

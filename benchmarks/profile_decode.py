@@ -42,11 +42,19 @@ from radixserve.benchmarks.common import (
     write_result,
 )
 from radixserve.benchmarks.datasets import BenchRequest, random_ids
-from radixserve.benchmarks.step_timer import ENV, StepTimingConfig, load_steps, write_sitecustomize
+from radixserve.benchmarks.step_timer import (
+    END,
+    HOST_BEGIN,
+    HOST_END,
+    LAUNCH,
+    ROWS,
+    STEP,
+    TOKENS,
+    StepTimingConfig,
+    load_steps,
+    step_timing_env,
+)
 from radixserve.engine import Engine
-
-# Columns of a step_timer record.
-STEP, ROWS, TOKENS, BEGIN, LAUNCH, END, HOST_BEGIN, HOST_LAUNCH, HOST_END = range(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,18 +145,8 @@ async def run_engine(args: argparse.Namespace) -> float:
 
 def run_with_step_timing(args: argparse.Namespace, cfg: StepTimingConfig, shim_dir: Path) -> float:
     """Run the engine with the step timer installed in its worker processes (environment set for them)."""
-    write_sitecustomize(shim_dir)
-    saved = {k: os.environ.get(k) for k in (ENV, "PYTHONPATH")}
-    os.environ[ENV] = cfg.to_env()
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim_dir), saved["PYTHONPATH"]) if p)
-    try:
+    with step_timing_env(cfg, shim_dir):
         return anyio.run(run_engine, args, backend_options={"use_uvloop": True})
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def report(result: ProfileDecodeResult, device: str) -> None:

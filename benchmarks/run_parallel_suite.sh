@@ -20,14 +20,21 @@
 #                   and off (CACHE="on" for one), up to 1024 requests running, on card 0
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
+#   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
+#                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 #   constrained_gaps  batch-64 decode, every request constrained by a grammar and none: step period and GPU
 #                   idle between steps (profile_decode), on card 0
+#   attention_check check_gpu_path --only-attention: FlashInfer (plain, extend, cascade) vs the torch
+#                   backend, and plain vs cascade decode attention time at 1024 rows sharing 2048 tokens
+#   pdl             check_gpu_path --pdl-check (greedy tokens equal with PDL on and off), then batch-1
+#                   decode with PDL off (RADIXSERVE_DISABLE_PDL=1) and on, on card 0
 #   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then
 #                   bench_decode_attention: FlashInfer decode plans, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
-# under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few files).
+# under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few
+# files).
 # JOB_TIMEOUT (seconds, default 1800) bounds each run.
 set -uo pipefail
 
@@ -46,7 +53,8 @@ pack() { tar czf "$OUT/.r$BASHPID.tgz" -C "$RUNS" . && mv "$OUT/.r$BASHPID.tgz" 
 job() {
   local gpus=$1 name=$2; shift 2
   echo "--- $name (GPUs $gpus) $(date +%T)"
-  CUDA_VISIBLE_DEVICES=$gpus timeout "${JOB_TIMEOUT:-1800}" "$@" --result-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpus timeout "${JOB_TIMEOUT:-1800}" "$@" --result-dir "$RUNS/$name" \
+    > "$RUNS/$name.log" 2>&1
   local rc=$?
   tail -n 14 "$RUNS/$name.log"
   [ $rc -eq 0 ] || echo "!!! $name failed: rc $rc"
@@ -79,7 +87,8 @@ for stage in "$@"; do
   case $stage in
     allreduce)
       job 0,1 allreduce_w2 $BENCH.bench_all_reduce --world-size 2
-      [ "$(nvidia-smi -L | wc -l)" -ge 4 ] && job 0,1,2,3 allreduce_w4 $BENCH.bench_all_reduce --world-size 4 ;;
+      [ "$(nvidia-smi -L | wc -l)" -ge 4 ] && \
+        job 0,1,2,3 allreduce_w4 $BENCH.bench_all_reduce --world-size 4 ;;
     latency_llama)
       latency 0 llama_tp1 "$LLAMA"
       latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
@@ -99,9 +108,11 @@ for stage in "$@"; do
       offline 0,1 llama_dp2 "$LLAMA" --dp-size 2
       latency 0,1 llama_tp2 "$LLAMA" --tp-size 2 ;;
     profile_tp2)
-      # where a batch-1 TP2 step goes: GPU idle between steps + a kernel trace, and host profiles of both sides
-      RADIXSERVE_WORKER_PROFILE=$RUNS/worker.prof job 0,1 profile_tp2 $BENCH.profile_decode --model-path "$LLAMA" \
-        $MODEL --tp-size 2 --batch-size 1 --input-len 1024 --output-len 200 --skip-steps 20 --torch-profile-steps 12
+      # where a batch-1 TP2 step goes: GPU idle between steps + a kernel trace, and host profiles of both
+      # sides
+      RADIXSERVE_WORKER_PROFILE=$RUNS/worker.prof job 0,1 profile_tp2 $BENCH.profile_decode \
+        --model-path "$LLAMA" $MODEL --tp-size 2 --batch-size 1 --input-len 1024 --output-len 200 \
+        --skip-steps 20 --torch-profile-steps 12
       latency 0,1 llama_tp2_cprofile "$LLAMA" --tp-size 2 --repeats 1 --cprofile "$RUNS/main_tp2.prof" ;;
     constrained)
       job 0 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL ;;
@@ -117,6 +128,8 @@ for stage in "$@"; do
       serving 0 ;;
     offline)
       offline 0 llama_offline "$LLAMA" ;;
+    offline_steps)
+      offline 0 llama_offline_steps "$LLAMA" --step-timing ;;
     trace_bs1)
       job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
         --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;
@@ -139,6 +152,15 @@ for stage in "$@"; do
         job 0 "constrained_gaps${grammar:+_ebnf}" $BENCH.profile_decode --model-path "$LLAMA" $MODEL \
           --batch-size 64 --input-len 1024 --output-len 200 --skip-steps 20 ${grammar:+--ebnf "$grammar"}
       done ;;
+    attention_check)
+      CUDA_VISIBLE_DEVICES=0 python3 -m radixserve.benchmarks.check_gpu_path --only-attention \
+        --out "$RUNS/attention_check.json" 2>&1 | tail -n 30; pack ;;
+    pdl)
+      CUDA_VISIBLE_DEVICES=0 python3 -m radixserve.benchmarks.check_gpu_path --model "$LLAMA" --pdl-check \
+        --out "$RUNS/pdl_check.json" > "$RUNS/pdl_check.log" 2>&1; echo "pdl check rc $?"
+      tail -n 12 "$RUNS/pdl_check.log"; pack
+      RADIXSERVE_DISABLE_PDL=1 latency 0 llama_tp1_nopdl "$LLAMA"
+      latency 0 llama_tp1_pdl "$LLAMA" ;;
     gemv)
       job 0 gemv_linear $BENCH.bench_gemv
       job 0 gemv_attention $BENCH.bench_decode_attention ;;

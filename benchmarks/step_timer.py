@@ -15,16 +15,18 @@ the host is not slowed down) covers `profile_steps` decode steps of at least `mi
 `profile_skip` of them.
 
 The worker has no hook for this yet: `install()` patches ModelRunner's prepare, launch and finish from a
-`sitecustomize` that profile_decode puts on the worker's PYTHONPATH (see profile_decode.py and the README for
-the proposed three-line hook that replaces the patch).
+`sitecustomize` that `step_timing_env` puts on the worker's PYTHONPATH (used by profile_decode and by
+`bench_offline --step-timing`; see the README for the proposed three-line hook that replaces the patch).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ import numpy as np
 import torch
 
 ENV = "RADIXSERVE_STEP_TIMING"
+
+# Columns of a step record (load_steps' arrays); times in ms: device marks since the clock's base, host marks
+# since the timer's host base (`host_base_ns` in the dump, a time.perf_counter_ns() of the worker).
+STEP, ROWS, TOKENS, BEGIN, LAUNCH, END, HOST_BEGIN, HOST_LAUNCH, HOST_END = range(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,8 @@ class StepTimer:
         self.host_base = time.perf_counter_ns()
         # Per step: [step, rows, tokens, begin, launch, end, host_begin, host_launch, host_end].
         self.records: list[list[Any]] = []
-        # Steps begun and not ended yet: a worker prepares the next step while one waits for its grammar masks.
+        # Steps begun and not ended yet: a worker prepares the next step while one waits for its grammar
+        # masks.
         self.open: dict[int, list[Any]] = {}
         self.matching = 0  # decode steps of min_rows rows or more seen
         self.profiler: Any = None
@@ -168,6 +175,7 @@ class StepTimer:
             "columns": ["step", "rows", "tokens", "begin_ms", "launch_ms", "end_ms",
                         "host_begin_ms", "host_launch_ms", "host_end_ms"],
             "steps": steps,
+            "host_base_ns": self.host_base,
             "trace": self.trace_path if self.cfg.profile_steps else None,
             "profiled_steps": self.profiled,
         }
@@ -205,7 +213,7 @@ def install(cfg: StepTimingConfig) -> None:
     runner_cls.finish = timed_finish  # type: ignore[method-assign]
 
 
-# The sitecustomize that profile_decode writes into a folder on the worker's PYTHONPATH. It patches only the
+# The sitecustomize that step_timing_env writes into a folder on the worker's PYTHONPATH. It patches only the
 # GPU worker process, then hands over to any other sitecustomize on the path.
 SITECUSTOMIZE = f'''\
 import os, sys
@@ -226,6 +234,24 @@ def write_sitecustomize(folder: Path) -> None:
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def step_timing_env(cfg: StepTimingConfig, shim_dir: Path) -> Iterator[None]:
+    """Inside the block, worker processes started by this one time their steps (environment set for them);
+    each writes its dump into cfg.out_dir at exit."""
+    write_sitecustomize(shim_dir)
+    saved = {k: os.environ.get(k) for k in (ENV, "PYTHONPATH")}
+    os.environ[ENV] = cfg.to_env()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim_dir), saved["PYTHONPATH"]) if p)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def load_steps(out_dir: str | Path) -> list[dict[str, Any]]:
     """Every worker's dump in `out_dir`, each as {"device", "clock", "steps": ndarray [N, 9], "trace"}."""
     dumps = []
@@ -234,3 +260,13 @@ def load_steps(out_dir: str | Path) -> list[dict[str, Any]]:
         body["steps"] = np.array(body["steps"], dtype=np.float64).reshape(-1, len(body["columns"]))
         dumps.append(body)
     return dumps
+
+
+def steps_between(dump: dict[str, Any], start_ns: int, end_ns: int) -> np.ndarray:
+    """The dump's steps that the worker began between two time.perf_counter_ns() of this process (a
+    system-wide monotonic clock on Linux), in step order; all of them if the dump has no host base."""
+    steps = dump["steps"]
+    if dump.get("host_base_ns") is not None:
+        begun_ns = dump["host_base_ns"] + steps[:, HOST_BEGIN] * 1e6
+        steps = steps[(begun_ns >= start_ns) & (begun_ns <= end_ns)]
+    return steps[np.argsort(steps[:, STEP], kind="stable")]

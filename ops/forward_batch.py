@@ -31,6 +31,9 @@ class AttentionBatch:
     seq_lens_cpu: tuple[int, ...]
     extend_lens_cpu: tuple[int, ...]
     is_decode: bool  # every row has extend_len == 1
+    # Decode steps: row r's first shared_lens_cpu[r] KV slots are row r-1's (one cached prefix under both);
+    # empty when unknown. Backends may read a shared prefix once per group (ops/attention/cascade.py).
+    shared_lens_cpu: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its numpy interpreter (TRITON_INTERPRET=1) instead of compiling them."""
@@ -43,8 +45,9 @@ def _rms_norm_kernel(
     X, R, W, Out, ResOut,
     stride_x, stride_r, stride_o, stride_ro,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -88,11 +91,13 @@ def rms_norm(
     if n_rows:
         block = triton.next_power_of_2(hidden)
         r = residual if residual is not None else x
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(n_rows,)](
             x, r, weight, out, res_out,
             x.stride(0), r.stride(0), out.stride(0), res_out.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=_num_warps(block),
+            launch_pdl=pdl,
         )  # fmt: skip
     return out if residual is None else (out, res_out)
 
@@ -101,7 +106,8 @@ def rms_norm(
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -125,8 +131,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     if n_rows and d:
         block = min(triton.next_power_of_2(d), 1024)
+        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(n_rows, triton.cdiv(d, block))](
-            x, out, x.stride(0), out.stride(0), d, BLOCK=block, num_warps=_num_warps(block)
+            x, out, x.stride(0), out.stride(0), d, BLOCK=block, PDL=pdl, num_warps=_num_warps(block),
+            launch_pdl=pdl,
         )  # fmt: skip
     return out
 
@@ -140,8 +148,9 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kbs, stride_kbh, stride_vbs, stride_vbh,
     num_heads, head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
     # int64: slot * slot_stride passes 2**31 in large pools.
     slot = tl.load(Slots + t).to(tl.int64)
@@ -177,10 +186,12 @@ def store_kv(
     if num_tokens == 0:
         return
     block_h, block_d = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim)
+    pdl = pdl_enabled(k.device)
     _store_kv_kernel[(num_tokens,)](
         k, v, k_buf, v_buf, slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         num_heads, head_dim,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_num_warps(block_h * block_d),
+        BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=_num_warps(block_h * block_d),
+        launch_pdl=pdl,
     )  # fmt: skip

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
 from radixserve.ops.triton_fused import interpreting
 
 MAX_M = 16  # the dot kernel pads the batch to this; larger batches belong to F.linear (a real GEMM)
@@ -195,9 +196,10 @@ def _gemv_fma_kernel(
     N, K,
     stride_wn,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y[0, n] = sum_k x[0, k] * W[n, k]: one row of x on CUDA cores."""
+    wait_for_predecessor(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -239,9 +241,10 @@ def _skinny_dot_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y[m, n] = sum_k x[m, k] * W[n, k] for m < M <= BLOCK_M, on tensor cores: acc^T = W_slab @ x^T."""
+    wait_for_predecessor(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -322,14 +325,15 @@ def skinny_matmul(
     grid = (triton.cdiv(n, config.block_n),)
     even_n, even_k = n % config.block_n == 0, k % config.block_k == 0
     b = bias if bias is not None else y  # a dummy pointer when HAS_BIAS is off
+    pdl = pdl_enabled(x.device)
     if not config.tensor_cores:
         _gemv_fma_kernel[grid](
             x, weight, b, y,
             n, k,
             weight.stride(0),
             HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, PDL=pdl,
+            num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
         )  # fmt: skip
         return y
     # float32 tiles (float32 inputs, or any input in the interpreter) take exact "ieee" products: the default
@@ -342,7 +346,7 @@ def skinny_matmul(
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        UPCAST=upcast, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        UPCAST=upcast, PRECISION=precision, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y

@@ -1,8 +1,9 @@
 """Rotary embedding (neox style) applied to q and k in place, one Triton program per token.
 
-Replaces the ~10 small kernels of the torch version (gather cos/sin, chunk, mul, sub, cat per tensor) with one,
-which matters inside a decode step where every layer's launch overhead adds up. It can also write the layer's
-rotated K and its V into the KV pool (an attention backend's `kv_store`), which saves the store kernel.
+Replaces the ~10 small kernels of the torch version (gather cos/sin, chunk, mul, sub, cat per tensor) with
+one, which matters inside a decode step where every layer's launch overhead adds up. It can also write the
+layer's rotated K and its V into the KV pool (an attention backend's `kv_store`), which saves the store
+kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 from radixserve.ops.forward_batch import KVStore
+from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
 
 
 @triton.jit
@@ -20,8 +22,9 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kbs, stride_kbh, stride_vbs, stride_vbh,
     n_q_heads, n_kv_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(Pos + t).to(tl.int64)
     d = tl.arange(0, HALF)
@@ -97,9 +100,11 @@ def apply_rotary_inplace(
     v_arg, k_buf_arg, v_buf_arg, slots_arg = store
     svt, svh, skbs, skbh, svbs, svbh = store_strides
     block_h = triton.next_power_of_2(max(n_q, n_kv))
+    pdl = pdl_enabled(q.device)
     _rope_kernel[(T,)](
         q, k, v_arg, cos_sin_cache, positions, k_buf_arg, v_buf_arg, slots_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), svt, svh, cos_sin_cache.stride(0),
         skbs, skbh, svbs, svbh,
-        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, STORE_KV=kv_store is not None, num_warps=4,
+        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, STORE_KV=kv_store is not None, PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )  # fmt: skip

@@ -3,7 +3,9 @@
 The pool's per-layer buffers [num_slots, kv_heads, head_dim] are FlashInfer's NHD paged layout with one token
 per page, so a request's page list is simply its row of req_to_token. Steps where every row decodes one token
 use the batch-decode kernels (tensor cores, which win for GQA); any step with a longer row uses batch prefill
-with causal masking over [cached prefix | new tokens].
+with causal masking over [cached prefix | new tokens]. A decode step whose rows share long cached prefixes
+(the scheduler says which, in `shared_lens_cpu`) may run as cascade attention instead (cascade.py): the
+prefix level on the prefill wrapper, the rest of each row on a second decode wrapper, merged per layer.
 
 Planning is host work: the index pointers are built on the host from the batch's *_cpu tuples (FlashInfer
 copies them to the device itself), so nothing here waits for the GPU. `flashinfer` is imported lazily.
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 WORKSPACE_BYTES = 256 << 20
@@ -35,17 +38,27 @@ def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def gather_kv_indices(batch: AttentionBatch, total: int) -> torch.Tensor:
-    """The pages (= slots) of every row, concatenated: req_to_token[req_rows[r], :seq_lens[r]] for each r.
+def gather_row_ranges(
+    req_to_token: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor | None, lens: torch.Tensor,
+    total: int,
+) -> torch.Tensor:
+    """req_to_token[rows[i], starts[i] : starts[i] + lens[i]] for each i, concatenated (starts None: 0).
 
-    `total` (= sum of seq_lens) comes from the host, so the sizes are known without a device sync.
+    `total` (= sum of lens) comes from the host, so the sizes are known without a device sync.
     """
-    device = batch.req_to_token.device
-    seq_lens = batch.seq_lens.to(torch.int64)
-    row_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), seq_lens, output_size=total)
-    starts = torch.cumsum(seq_lens, 0) - seq_lens  # [B] first flat index of each row
-    pos = torch.arange(total, device=device) - starts[row_of]
-    return batch.req_to_token[batch.req_rows[row_of], pos]
+    device = req_to_token.device
+    lens = lens.to(torch.int64)
+    row_of = torch.repeat_interleave(torch.arange(len(lens), device=device), lens, output_size=total)
+    offsets = torch.cumsum(lens, 0) - lens  # [n] first flat index of each range
+    pos = torch.arange(total, device=device) - offsets[row_of]
+    if starts is not None:
+        pos += starts.to(torch.int64)[row_of]
+    return req_to_token[rows[row_of], pos]
+
+
+def gather_kv_indices(batch: AttentionBatch, total: int) -> torch.Tensor:
+    """The pages (= slots) of every row, concatenated: req_to_token[req_rows[r], :seq_lens[r]] for each r."""
+    return gather_row_ranges(batch.req_to_token, batch.req_rows, None, batch.seq_lens, total)
 
 
 class FlashInferAttentionBackend:
@@ -71,8 +84,16 @@ class FlashInferAttentionBackend:
         self.device = k_buffers[0].device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True)
+        # Cascade decode (ops/attention/cascade.py): level 0 runs on `self.prefill` (a decode step plans no
+        # prefill), level 1 on a decode wrapper of its own, planned at the same time, so its own workspace.
+        self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.suffix_workspace, "NHD", use_tensor_cores=True)
         self._wrapper: Any = None
+        self._cascade = False
+        self.num_cascade_steps = 0
 
     def make_graph_decode_wrapper(
         self, bs: int, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor
@@ -87,13 +108,19 @@ class FlashInferAttentionBackend:
 
     def plan_decode(self, wrapper: Any, batch: AttentionBatch, indices: torch.Tensor) -> None:
         wrapper.plan(
-            kv_indptr_host(batch.seq_lens_cpu), indices,
-            torch.ones(batch.num_rows, dtype=torch.int32), self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
+            kv_indptr_host(batch.seq_lens_cpu), indices, torch.ones(batch.num_rows, dtype=torch.int32),
+            self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
             q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
         )
         self._wrapper = wrapper
 
     def prepare(self, batch: AttentionBatch) -> None:
+        self._cascade = False
+        if batch.is_decode and batch.shared_lens_cpu:
+            cascade = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
+            if cascade is not None:
+                self._plan_cascade(batch, cascade)
+                return
         total = sum(batch.seq_lens_cpu)
         indices = gather_kv_indices(batch, total).to(torch.int32)
         if batch.is_decode:
@@ -101,11 +128,35 @@ class FlashInferAttentionBackend:
             return
         qo_indptr = kv_indptr_host(batch.extend_lens_cpu)
         self.prefill.plan(
-            qo_indptr, kv_indptr_host(batch.seq_lens_cpu), indices, torch.ones(batch.num_rows, dtype=torch.int32),
+            qo_indptr, kv_indptr_host(batch.seq_lens_cpu), indices,
+            torch.ones(batch.num_rows, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.scale,
             q_data_type=self.dtype, kv_data_type=self.dtype,
         )
         self._wrapper = self.prefill
+
+    def _plan_cascade(self, batch: AttentionBatch, plan: CascadePlan) -> None:
+        G, B = plan.num_groups, batch.num_rows
+        host = plan.group_starts[:-1] + plan.prefix_lens + plan.row_prefix_lens
+        firsts, prefix_lens, row_prefix = torch.tensor(host, device=self.device).split([G, G, B])
+        prefix_indices = gather_row_ranges(
+            batch.req_to_token, batch.req_rows[firsts], None, prefix_lens, sum(plan.prefix_lens))
+        suffix_lens = plan.suffix_lens(batch.seq_lens_cpu)
+        suffix_indices = gather_row_ranges(
+            batch.req_to_token, batch.req_rows, row_prefix, batch.seq_lens - row_prefix, sum(suffix_lens))
+        self.prefill.plan(
+            torch.tensor(plan.group_starts, dtype=torch.int32), kv_indptr_host(plan.prefix_lens),
+            prefix_indices.to(torch.int32), torch.ones(G, dtype=torch.int32),
+            self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=False, sm_scale=self.scale,
+            q_data_type=self.dtype, kv_data_type=self.dtype,
+        )
+        self.suffix_decode.plan(
+            kv_indptr_host(suffix_lens), suffix_indices.to(torch.int32), torch.ones(B, dtype=torch.int32),
+            self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
+            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
+        )
+        self._cascade = True
+        self.num_cascade_steps += 1
 
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return KVStore(self.k_buffers[layer_id], self.v_buffers[layer_id], batch.out_slots)
@@ -127,4 +178,11 @@ class FlashInferAttentionBackend:
 
             store_kv(k, v, k_buf, v_buf, batch.out_slots)
         shape = (k_buf.shape[0], 1, self.num_kv_heads, self.head_dim)  # NHD pages of one token
-        return self._wrapper.run(q.contiguous(), (k_buf.view(shape), v_buf.view(shape)))
+        kv = (k_buf.view(shape), v_buf.view(shape))
+        if not self._cascade:
+            return self._wrapper.run(q.contiguous(), kv)
+        q = q.contiguous()
+        out, lse = self.prefill.run(q, kv, return_lse=True)
+        suffix_out, suffix_lse = self.suffix_decode.run(q, kv, return_lse=True)
+        self._flashinfer.merge_state_in_place(out, lse, suffix_out, suffix_lse)
+        return out

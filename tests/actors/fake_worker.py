@@ -55,6 +55,7 @@ class FakeWorker:
         self.num_slots = num_slots
         self.rows_live: set[int] = set()
         self.tokens_computed = 0
+        self.shared_rows = 0  # decode rows whose plan said they share slots with the row before
         self.contexts: dict[int, list[int]] = {}
         self.penalty_outputs: dict[int, list[int]] = {}
         self.released_penalty_outputs: list[list[int]] = []
@@ -119,6 +120,21 @@ class FakeWorker:
                 if row in self.penalty_outputs:
                     self.penalty_outputs[row].append(int(tokens[b]))
             t += n
+        self._check_shared_lens(plan, req_rows, seq_lens)
         self.tokens_computed += t
         self.last_tokens = tokens
         return StepResult(step=plan.step, tokens=tokens.astype("<i4").tobytes())
+
+    def _check_shared_lens(self, plan: StepPlan, req_rows: np.ndarray, seq_lens: np.ndarray) -> None:
+        """A decode plan's shared_lens must be, for each row, the longest common head of its table row and the
+        previous row's (private slots are never shared, so that is exactly what the two share)."""
+        if not plan.shared_lens:
+            return
+        shared = np.frombuffer(plan.shared_lens, dtype="<i4")
+        assert len(shared) == len(req_rows) and shared[0] == 0
+        self.shared_rows += int((shared > 0).sum())
+        for b in range(1, len(req_rows)):
+            n = int(min(seq_lens[b], seq_lens[b - 1]))
+            a, c = self.table[req_rows[b - 1], :n], self.table[req_rows[b], :n]
+            differ = np.nonzero(a != c)[0]
+            assert shared[b] == (differ[0] if len(differ) else n), f"row {b}: shared_lens {shared[b]}"

@@ -116,6 +116,8 @@ def test_concurrent_requests_share_a_system_prompt_computed_once(policy: str) ->
     assert prompt_tokens <= 300 + 16 * 11, f"{prompt_tokens} prompt tokens computed"
     assert core.num_cached_prompt_tokens >= 15 * 299
     assert core.num_forward_steps <= 45, "the others waited for the first to finish, not to prefill"
+    # Decode plans said which rows share the system prompt's slots (the fake worker checks every value).
+    assert worker.shared_rows >= 15 * 20
     core.check_integrity()
 
 

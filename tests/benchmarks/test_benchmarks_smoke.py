@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from radixserve.benchmarks import bench_latency, bench_offline, bench_one_batch, gpu_trace, profile_decode
+from radixserve.benchmarks import (
+    bench_latency,
+    bench_offline,
+    bench_one_batch,
+    gpu_trace,
+    profile_decode,
+    step_timer,
+)
 from radixserve.benchmarks.datasets import (
     add_dataset_args,
     build_dataset,
@@ -24,6 +31,7 @@ from radixserve.benchmarks.datasets import (
 from radixserve.benchmarks.random_model import CONFIGS, plan_shards, tensor_shapes, write_model
 from radixserve.benchmarks.serving_client import request_openai, request_sglang
 from radixserve.benchmarks.serving_metrics import RequestOutcome, calculate_metrics
+from radixserve.benchmarks.step_timer import HOST_BEGIN
 
 VOCAB = 1000
 
@@ -202,6 +210,48 @@ def test_profile_decode_picks_the_steady_full_batch() -> None:
     assert not gaps.full_batch and gaps.steps == 7 and gaps.mean_rows == pytest.approx(17 / 7)
 
 
+def test_offline_step_breakdown_splits_device_time_by_kind() -> None:
+    # (step, rows, tokens, launch ms, end ms), shuffled; a step without a launch mark is left out. Periods:
+    # 5, 1.5, 2.5, 3, 3.5 and 1.5 (the last: end - launch), span 17 ms; idle after each: 1, .5, 0, 2, .5, 0.
+    spec = [(4, 3, 50, 12.0, 15.0), (0, 2, 100, 0.0, 4.0), (2, 200, 200, 6.5, 9.0), (1, 2, 2, 5.0, 6.0),
+            (5, 600, 600, 15.5, 17.0), (3, 20, 20, 9.0, 10.0), (6, 4, 4, float("nan"), 18.0)]
+    steps = np.array([[i, r, t, la - 0.5, la, e, 0.0, 0.0, 0.0] for i, r, t, la, e in spec])
+    b = bench_offline.step_breakdown(steps, graph_max_rows=160, clock="host")
+    assert (b.steps, b.clock, b.graph_max_rows) == (6, "host", 160)
+    assert b.span_s == pytest.approx(0.017) and b.idle_s == pytest.approx(0.004)
+    assert b.idle_fraction == pytest.approx(4 / 17)
+    graph, eager, mixed = b.kinds
+    assert (graph.kind, graph.steps, eager.kind, eager.steps, mixed.kind, mixed.steps) == (
+        "decode_graph", 2, "decode_eager", 2, "mixed", 2)
+    assert graph.period_s == pytest.approx(0.0045) and graph.share == pytest.approx(4.5 / 17)
+    assert graph.idle_s == pytest.approx(0.0025) and graph.mean_rows == graph.mean_tokens == 11
+    assert graph.tokens_per_s == pytest.approx(22 / 0.0045)
+    assert eager.period_s == pytest.approx(0.004) and eager.idle_s == 0 and eager.mean_rows == 400
+    assert eager.tokens_per_s == pytest.approx(200_000)
+    assert mixed.period_s == pytest.approx(0.0085) and mixed.idle_s == pytest.approx(0.0015)
+    assert (mixed.mean_rows, mixed.mean_tokens) == (2.5, 75)
+    assert mixed.tokens_per_s == pytest.approx(150 / 0.0085)
+    assert sum(k.share for k in b.kinds) == pytest.approx(1.0)
+    hist = {r.rows: (r.steps, round(r.period_s * 1e3, 6)) for r in b.decode_rows}
+    assert hist == {"1-16": (1, 1.5), "17-64": (1, 3.0), "65-160": (0, 0.0), "161-256": (1, 2.5),
+                    "257-512": (0, 0.0), ">512": (1, 1.5)}
+    # No CUDA graphs (the CPU, --disable-cuda-graph): every decode step is eager.
+    graph, eager, _ = bench_offline.step_breakdown(steps, graph_max_rows=0).kinds
+    assert graph.steps == 0 and graph.tokens_per_s == 0 and eager.steps == 4
+    assert eager.period_s == pytest.approx(0.0085)
+
+
+def test_steps_between_keeps_the_measured_window() -> None:
+    # Host marks in ms since the worker's host base (1 s of perf_counter_ns): steps begun at 1.000, 1.005, ...
+    steps = _steps([(1, 1)] * 6)
+    steps[:, HOST_BEGIN] = [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
+    steps = steps[::-1]  # in any order
+    dump = {"steps": steps, "host_base_ns": 1_000_000_000}
+    window = step_timer.steps_between(dump, 1_004_000_000, 1_020_000_000)
+    assert window[:, 0].tolist() == [1, 2, 3, 4]  # begun in [1.004 s, 1.020 s], in step order
+    assert step_timer.steps_between({"steps": steps}, 0, 1)[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
 # --------------------------------------------------------------------------------------------- random model
 
 
@@ -271,6 +321,29 @@ def test_bench_offline_end_to_end(tiny_model: Path, tmp_path: Path, one_thread: 
     assert body["run"]["device"] == "cpu" and body["run"]["git_commit"]
     assert body["run"]["params"]["max_total_tokens"] == 2048 and "bench_offline" in body["run"]["command"]
     assert elapsed < 60, f"the smoke run took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_bench_offline_step_timing_covers_the_measured_run(
+    tiny_model: Path, tmp_path: Path, one_thread: None
+) -> None:
+    result = bench_offline.main([
+        "--model-path", str(tiny_model), "--num-prompts", "4", "--random-input-len", "40",
+        "--random-output-len", "8", "--random-range-ratio", "0.5", "--warmup-prompts", "2",
+        "--max-total-tokens", "2048", "--step-timing", "--result-dir", str(tmp_path),
+    ])
+    b = result.step_breakdown
+    assert b is not None and b.clock == "host" and b.graph_max_rows == 0  # the CPU: no CUDA graphs
+    (path,) = tmp_path.glob("bench_offline-*.json")
+    body = json.loads(path.read_text())
+    steps = np.array(body["result"]["steps"])
+    assert body["result"]["step_breakdown"]["steps"] == b.steps == len(steps)
+    # Every prompt token once (no cache hits: random prompts, flushed after warm-up) and one token per decode
+    # step after the first output token: the window holds the measured steps, none of the warm-up's.
+    expected = result.total_input_tokens + result.total_output_tokens - result.successful_requests
+    assert result.cached_tokens == 0 and steps[:, 2].sum() == expected
+    assert sum(k.steps for k in b.kinds) == b.steps and b.kinds[2].steps >= 1
+    assert sum(k.share for k in b.kinds) == pytest.approx(1.0) and 0 < b.span_s <= result.duration_s
 
 
 @pytest.mark.timeout(120)
