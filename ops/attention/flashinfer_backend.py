@@ -13,6 +13,7 @@ copies them to the device itself), so nothing here waits for the GPU. `flashinfe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 WORKSPACE_BYTES = 256 << 20
+DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -93,6 +95,7 @@ class FlashInferAttentionBackend:
             self.suffix_workspace, "NHD", use_tensor_cores=True)
         self._wrapper: Any = None
         self._cascade = False
+        self.cascade_enabled = os.environ.get(DISABLE_CASCADE_ENV, "0") != "1"
         self.num_cascade_steps = 0
 
     def make_graph_decode_wrapper(
@@ -116,7 +119,7 @@ class FlashInferAttentionBackend:
 
     def prepare(self, batch: AttentionBatch) -> None:
         self._cascade = False
-        if batch.is_decode and batch.shared_lens_cpu:
+        if batch.is_decode and batch.shared_lens_cpu and self.cascade_enabled:
             cascade = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
             if cascade is not None:
                 self._plan_cascade(batch, cascade)
