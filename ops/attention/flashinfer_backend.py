@@ -88,8 +88,11 @@ class FlashInferAttentionBackend:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True)
-        # Cascade decode (ops/attention/cascade.py): level 0 runs on `self.prefill` (a decode step plans no
-        # prefill), level 1 on a decode wrapper of its own, planned at the same time, so its own workspace.
+        # Cascade decode (ops/attention/cascade.py): level 0 on a prefill wrapper of its own (sharing the
+        # workspace of the wrappers a decode step does not use), level 1 on a decode wrapper planned at the
+        # same time, so with a workspace of its own.
+        self.prefix_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=os.environ.get("RADIXSERVE_CASCADE_PREFIX_BACKEND", "fa2"))
         self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.suffix_workspace, "NHD", use_tensor_cores=True)
@@ -147,7 +150,7 @@ class FlashInferAttentionBackend:
         suffix_lens = plan.suffix_lens(batch.seq_lens_cpu)
         suffix_indices = gather_row_ranges(
             batch.req_to_token, batch.req_rows, row_prefix, batch.seq_lens - row_prefix, sum(suffix_lens))
-        self.prefill.plan(
+        self.prefix_prefill.plan(
             torch.tensor(plan.group_starts, dtype=torch.int32), kv_indptr_host(plan.prefix_lens),
             prefix_indices.to(torch.int32), torch.ones(G, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=False, sm_scale=self.scale,
@@ -185,7 +188,7 @@ class FlashInferAttentionBackend:
         if not self._cascade:
             return self._wrapper.run(q.contiguous(), kv)
         q = q.contiguous()
-        out, lse = self.prefill.run(q, kv, return_lse=True)
+        out, lse = self.prefix_prefill.run(q, kv, return_lse=True)
         suffix_out, suffix_lse = self.suffix_decode.run(q, kv, return_lse=True)
         self._flashinfer.merge_state_in_place(out, lse, suffix_out, suffix_lse)
         return out
