@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from radixserve.benchmarks import gpu_trace
 from radixserve.benchmarks.common import (
     add_common_args,
     add_engine_args,
@@ -277,7 +278,10 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     """The benchmark with every worker step timed; the result with its step breakdown, and the measured
     steps ({"columns", "steps": ndarray})."""
     with tempfile.TemporaryDirectory(prefix="radixserve-steps-") as tmp:
-        with step_timing_env(StepTimingConfig(out_dir=tmp), Path(tmp)):
+        trace = str(Path(args.result_dir or tmp) / "trace_mixed_steps.json")
+        cfg = StepTimingConfig(out_dir=tmp, profile_steps=args.profile_mixed_steps, profile_skip=5,
+                               trace_path=trace, profile_mixed=True)
+        with step_timing_env(cfg, Path(tmp)):
             result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
         dumps = load_steps(tmp)
     if not dumps:
@@ -285,6 +289,13 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     if (args.dp_size or 1) > 1:
         print(f"NOTE: {len(dumps)} workers timed; the step breakdown covers the one with the most steps")
     dump = max(dumps, key=lambda d: len(d["steps"]))  # TP ranks run the same steps
+    if args.profile_mixed_steps and dump.get("trace") and Path(dump["trace"]).exists():
+        print(f"\nKernels of {args.profile_mixed_steps} steps with prompt tokens ({dump['trace']})")
+        kernels = gpu_trace.kernel_totals(gpu_trace.load_trace(dump["trace"]))
+        if kernels:
+            print_grid(["kernel", "count", "ms"], kernels)
+        else:
+            print("(no device kernels in the trace: a CPU run)")
     steps = steps_between(dump, measured.start_ns, measured.end_ns)
     breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"])
     return replace(result, step_breakdown=breakdown), {"columns": dump["columns"], "steps": steps}
@@ -333,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-prompts", type=int, default=16, help="warm-up requests (256 in, 16 out)")
     parser.add_argument("--step-timing", action="store_true",
                         help="time every worker step; add the device time by kind of step to the result")
+    parser.add_argument("--profile-mixed-steps", type=int, default=0,
+                        help="with --step-timing: a torch.profiler trace of this many steps with prompt "
+                             "tokens (after 5 of them), and their kernels by total time")
     add_common_args(parser)
     add_dataset_args(parser)
     add_engine_args(parser)

@@ -55,6 +55,18 @@ def gpu_ops(trace: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return intervals, np.array([d for _, _, d in ops], dtype=bool)
 
 
+def kernel_totals(trace: dict[str, Any], top: int = 15) -> list[tuple[str, int, float]]:
+    """The `top` kernel names by total device time: (name cut to 90 chars, count, total ms)."""
+    totals: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES:
+            entry = totals.setdefault(str(e.get("name", ""))[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(e.get("dur", 0.0)) / 1e3
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(name, int(count), total) for name, (count, total) in ranked]
+
+
 def _is_dtoh(event: dict[str, Any]) -> bool:
     return event.get("cat") == "gpu_memcpy" and "DtoH" in event.get("name", "")
 

@@ -48,6 +48,7 @@ class StepTimingConfig:
     profile_skip: int = 20
     profile_steps: int = 0  # 0: no torch.profiler trace
     trace_path: str = ""
+    profile_mixed: bool = False  # the window counts steps with prompt tokens instead of decode steps
     max_steps: int = 200_000
 
     def to_env(self) -> str:
@@ -127,7 +128,8 @@ class StepTimer:
 
     def _profile_window(self, step: int, rows: int, tokens: int) -> None:
         cfg = self.cfg
-        if not cfg.profile_steps or rows < cfg.min_rows or tokens != rows:
+        kind_ok = tokens > rows if cfg.profile_mixed else tokens == rows
+        if not cfg.profile_steps or rows < cfg.min_rows or not kind_ok:
             if self.profiler is not None:  # the steady state ended before the window did
                 self._stop_profiler(step)
             return

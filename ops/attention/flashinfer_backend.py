@@ -91,8 +91,11 @@ class FlashInferAttentionBackend:
         # Cascade decode (ops/attention/cascade.py): level 0 on a prefill wrapper of its own (sharing the
         # workspace of the wrappers a decode step does not use), level 1 on a decode wrapper planned at the
         # same time, so with a workspace of its own.
+        # NOTE: FA2 on purpose. The SM90 (FA3) kernel that "auto" picks on an H100 passed the isolated checks
+        # but died of an illegal memory access within seconds of the 64 x 16 shared-prefix benchmark (every
+        # time, with or without PDL; CUDA_LAUNCH_BLOCKING put it in BatchPrefillWithPagedKVCacheSM90Run).
         self.prefix_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend=os.environ.get("RADIXSERVE_CASCADE_PREFIX_BACKEND", "fa2"))
+            self.workspace, "NHD", backend="fa2")
         self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.suffix_workspace, "NHD", use_tensor_cores=True)
