@@ -194,13 +194,11 @@ async def main(args: argparse.Namespace) -> None:
     res["backend_cascade_groups_rel_err"] = [check_cascade_groups(seed=s) for s in range(3)]
     print(res, flush=True)
     res["cascade_attention_32_layers"] = time_cascade(rows=1024, shared=2048, own=256)
-    if args.only_attention:
-        print(json.dumps(res, indent=1), flush=True)
-        return
     if args.pdl_check:
         res["pdl_same_tokens"] = await pdl_same_tokens(args.model)
-        print(json.dumps(res, indent=1), flush=True)
-        assert res["pdl_same_tokens"], "greedy tokens differ with programmatic dependent launch"
+    if args.only_attention or args.pdl_check:
+        finish(res, args.out)
+        assert res.get("pdl_same_tokens", True), "greedy tokens differ with programmatic dependent launch"
         return
     print(res, flush=True)
     kw = dict(load_format="dummy", context_length=8192)
@@ -221,9 +219,13 @@ async def main(args: argparse.Namespace) -> None:
         for name in ("main", "worker"):
             print(f"==== {name}")
             pstats.Stats(f"{args.profile_dir}/{name}.prof").sort_stats("tottime").print_stats(22)
+    finish(res, args.out)
+
+
+def finish(res: dict[str, object], out: str | None) -> None:
     print(json.dumps(res, indent=1), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(res, f, indent=1)
 
 
