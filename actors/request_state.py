@@ -88,8 +88,8 @@ class Req:
         # after the token before it (jump-forward waits for the request to have nothing in flight).
         self.discard_step = -1
         self.announced = False  # its NewRequest went to the workers since it was (re)admitted
-        self.head_hash = 0  # of its prompt's head (scheduler_core.HEAD tokens): groups shared system prompts
-        self.shared_with_prev = 0  # KV slots shared with the decode row before it, last time (shared_prefix.py)
+        self.head_hash = 0  # of its prompt's head (shared_prefix.HEAD tokens): groups shared system prompts
+        self.shared_with_prev = 0  # KV slots shared with the decode row before it last time (shared_prefix)
 
     @property
     def num_tokens(self) -> int:

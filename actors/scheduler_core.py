@@ -39,12 +39,8 @@ from radixserve.actors.messages import (
 )
 from radixserve.actors.request_state import Req, ReqStatus
 from radixserve.actors.schedule_policy import order_waiting
-from radixserve.actors.shared_prefix import shared_prefix_lens
+from radixserve.actors.shared_prefix import HEAD, decode_shared_lens, prompt_head
 from radixserve.outputs import FinishReason
-
-# Prompt tokens that identify a shared head (a system prompt) for admission's hold-back (see
-# SchedulerCore._prompt_heads_being_computed); SGLang checks in-batch prefixes at 32 tokens too.
-HEAD = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +108,7 @@ class SchedulerCore:
         stop_ids = frozenset(msg.eos_token_ids)
         req = Req(msg.rid, list(msg.input_ids), msg.params, msg.max_new_tokens, stop_ids, msg.arrival_time,
                   msg.priority)
-        req.head_hash = hash(_prompt_head(req))
+        req.head_hash = hash(prompt_head(req))
         if msg.params.constraint is not None:
             assert self.grammars is not None, "a constrained request reached a scheduler without grammars"
             req.grammar = self.grammars.new_state(msg.params)
@@ -228,7 +224,7 @@ class SchedulerCore:
         for req in order_waiting(self.cfg.schedule_policy, self.waiting, self.kv.prefix_match_len):
             if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
                 break
-            head = _prompt_head(req)
+            head = prompt_head(req)
             if head is not None and head in computing and self.kv.prefix_match_len(req.tokens()) < HEAD:
                 continue  # a running request computes this prompt's head: wait for it to be cached
             self.kv.match_and_lock(req)
@@ -266,7 +262,7 @@ class SchedulerCore:
         if not self.kv.cache_enabled:
             return set()
         return {head for r in self.running
-                if r.prefix_len < HEAD and not r.finished and (head := _prompt_head(r)) is not None}
+                if r.prefix_len < HEAD and not r.finished and (head := prompt_head(r)) is not None}
 
     def _build_plan(self, rows: list[tuple[Req, int]], last_step: int) -> StepPlan:
         step = self._next_step
@@ -338,17 +334,12 @@ class SchedulerCore:
             released_rows=released,
             prompt_logprob_rows=prompt_lp,
             grammar_rows=i32(grammar_rows) if grammar_rows else b"",
-            grammar_bitmask=b"" if record.mask_follows else self.constrained.bitmasks(record.constrained, step),
+            grammar_bitmask=(
+                b"" if record.mask_follows else self.constrained.bitmasks(record.constrained, step)),
             grammar_mask_follows=record.mask_follows,
             appended_tokens=appended,
-            shared_lens=self._shared_lens(rows),
+            shared_lens=decode_shared_lens(rows) if self.kv.cache_enabled else b"",
         )
-
-    def _shared_lens(self, rows: list[tuple[Req, int]]) -> bytes:
-        """StepPlan.shared_lens of a decode step (attention may read a shared prefix once per group)."""
-        if not self.kv.cache_enabled or len(rows) < 2 or any(n != 1 for _, n in rows):
-            return b""
-        return i32(shared_prefix_lens([req for req, _ in rows]))
 
     @property
     def num_jump_forward_tokens(self) -> int:
@@ -497,12 +488,5 @@ class SchedulerCore:
                                  f"{self.kv.private_slots}")
         if len(self._free_rows) + len(self.running) != self.cfg.max_rows:
             raise AssertionError("request rows leaked")
-
-
-def _prompt_head(req: Req) -> tuple[int, ...] | None:
-    """The key under which admission holds back requests sharing a prompt head (None: too short to tell)."""
-    if len(req.prompt_ids) <= HEAD or req.params.prompt_logprobs is not None:
-        return None
-    return tuple(req.prompt_ids[:HEAD])
 
 

@@ -1,4 +1,5 @@
-"""How many KV slots each decode row shares with the row before it: the StepPlan's `shared_lens`.
+"""Requests that share a prompt head: admission's key for them, and how many KV slots each decode row shares
+with the row before it (the StepPlan's `shared_lens`).
 
 Two requests hold the same slot at position i only through the radix tree, and a tree slot sits at one depth
 of one path: requests that share the slot at position i share every slot before it. So the shared length of
@@ -9,7 +10,20 @@ request remembers its last answer, and two slot comparisons tell whether it stil
 
 from __future__ import annotations
 
+import numpy as np
+
 from radixserve.actors.request_state import Req
+
+# Prompt tokens that identify a shared head (a system prompt) for admission's hold-back (see
+# SchedulerCore._prompt_heads_being_computed); SGLang checks in-batch prefixes at 32 tokens too.
+HEAD = 32
+
+
+def prompt_head(req: Req) -> tuple[int, ...] | None:
+    """The key under which admission holds back requests sharing a prompt head (None: too short to tell)."""
+    if len(req.prompt_ids) <= HEAD or req.params.prompt_logprobs is not None:
+        return None
+    return tuple(req.prompt_ids[:HEAD])
 
 
 def shared_len(a: Req, b: Req) -> int:
@@ -42,3 +56,11 @@ def shared_prefix_lens(reqs: list[Req]) -> list[int]:
             req.shared_with_prev = shared_len(prev, req)
         out[b] = req.shared_with_prev
     return out
+
+
+def decode_shared_lens(rows: list[tuple[Req, int]]) -> bytes:
+    """StepPlan.shared_lens (int32 [B]) of a step whose rows are (request, new tokens): empty unless every row
+    decodes one token and there are at least two."""
+    if len(rows) < 2 or any(n != 1 for _, n in rows):
+        return b""
+    return np.asarray(shared_prefix_lens([req for req, _ in rows]), dtype="<i4").tobytes()
