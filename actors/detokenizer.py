@@ -4,6 +4,10 @@ Per request it keeps an IncrementalDetokenizer (multi-byte characters across tok
 StopStringMatcher (a possible stop prefix is held back, so a stop string never leaks). On a stop string the
 request is finished here and its scheduler (that of its data-parallel replica) is told to stop it
 (AbortRequest with reason STOP_STRING); the scheduler's own final update for it is then dropped.
+
+A request nobody reads before its finish (stream=False) and without stop strings is decoded once, at the
+finish: its updates wait here and go out as one output. Per-token decoding of such requests was ~20 ms of
+host time per step at 800 running requests (a CPU profile), on the event loop the scheduler shares.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from radixserve.actors.messages import (
     RequestUpdate,
     SchedulerInbox,
     TokenBatch,
+    merge_outputs,
 )
 from radixserve.actors.text_stream import IncrementalDetokenizer, StopStringMatcher
 from radixserve.outputs import FinishReason, Usage
@@ -40,6 +45,7 @@ class _Stream:
     done: bool = False  # finished here (stop string); waiting for the scheduler's final update
     tokens: list[int] = field(default_factory=list)
     replica: int = 0
+    deferred: list[RequestUpdate] | None = None  # updates of a request decoded at its finish only
 
 
 class Detokenizer:
@@ -87,6 +93,7 @@ class Detokenizer:
             ),
             stops=StopStringMatcher(p.stop) if p.stop else None,
             replica=msg.replica,
+            deferred=None if msg.stream or p.stop else [],
         )
 
     async def _apply(self, update: RequestUpdate) -> RequestOutput | None:
@@ -98,6 +105,8 @@ class Detokenizer:
                 del self.streams[update.rid]
             return None
         stream.num_tokens += len(update.token_ids)
+        if stream.deferred is not None:
+            return self._deferred(stream, update)
         text = stream.detok.push(update.token_ids) if update.token_ids else ""
         finish, matched = update.finish_reason, update.matched_stop
         if update.finish_reason is not None:
@@ -128,3 +137,23 @@ class Detokenizer:
             prompt_logprobs=update.prompt_logprobs,
             error=update.error,
         )
+
+    def _deferred(self, stream: _Stream, update: RequestUpdate) -> RequestOutput | None:
+        """Keep a non-streaming request's update; at its finish, decode its whole output at once."""
+        assert stream.deferred is not None
+        if update.finish_reason is None:
+            stream.deferred.append(update)
+            return None
+        del self.streams[update.rid]
+        updates = [*stream.deferred, update]
+        ids = [t for u in updates for t in u.token_ids]
+        text = stream.detok.push(ids) + stream.detok.flush()
+        usage = Usage(stream.prompt_len, stream.num_tokens, update.cached_tokens)
+        return merge_outputs([
+            RequestOutput(u.rid, "", u.token_ids, logprobs=u.logprobs, prompt_logprobs=u.prompt_logprobs)
+            for u in stream.deferred
+        ] + [RequestOutput(
+            rid=update.rid, text=text, token_ids=list(update.token_ids), logprobs=update.logprobs,
+            finish_reason=update.finish_reason, matched_stop=update.matched_stop, usage=usage,
+            prompt_logprobs=update.prompt_logprobs, error=update.error,
+        )])

@@ -35,6 +35,7 @@ from radixserve.actors.messages import (
     ReplicaFailed,
     RequestOutput,
     SubmitRequest,
+    merge_outputs,
 )
 from radixserve.actors.router import Router
 from radixserve.errors import (
@@ -124,7 +125,7 @@ class Ingress:
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.limits.eos_token_ids)
-        await self.detokenizer.send(RegisterRequest(rid, ids, params, replica))
+        await self.detokenizer.send(RegisterRequest(rid, ids, params, replica, stream))
         await self.router.scheduler(replica).send(
             SubmitRequest(rid, ids, params, max_new, sorted(stop_ids), time.monotonic(), priority)
         )
@@ -267,24 +268,3 @@ class Ingress:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             send.close()
-
-
-def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
-    """One output for a run of a request's outputs: their text and tokens joined, the last one's finish."""
-    if len(outs) == 1:
-        return outs[0]
-    last = outs[-1]
-    logprobs = None
-    if any(o.logprobs is not None for o in outs):
-        logprobs = [lp for o in outs for lp in (o.logprobs or ())]
-    return RequestOutput(
-        rid=last.rid,
-        text="".join(o.text for o in outs),
-        token_ids=[t for o in outs for t in o.token_ids],
-        logprobs=logprobs,
-        finish_reason=last.finish_reason,
-        matched_stop=last.matched_stop,
-        usage=last.usage,
-        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
-        error=last.error,
-    )

@@ -222,6 +222,7 @@ class RegisterRequest(_Msg):
     prompt_ids: list[int]
     params: SamplingParams
     replica: int = 0  # the data-parallel replica serving it (where a stop-string abort goes)
+    stream: bool = True  # False: nobody reads its output before the finish (decoded once, then)
 
 
 class RequestUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -261,6 +262,27 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     usage: Usage | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+
+
+def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
+    """One output for a run of a request's outputs: their text and tokens joined, the last one's finish."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outs):
+        logprobs = [lp for o in outs for lp in (o.logprobs or ())]
+    return RequestOutput(
+        rid=last.rid,
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        matched_stop=last.matched_stop,
+        usage=last.usage,
+        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
+        error=last.error,
+    )
 
 
 class OutputBatch(_Msg):
