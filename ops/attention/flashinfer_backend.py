@@ -5,10 +5,12 @@ per page, so a request's page list is simply its row of req_to_token. Steps wher
 use the batch-decode kernels (tensor cores, which win for GQA); any step with a longer row uses batch prefill
 with causal masking over [cached prefix | new tokens]. A decode step whose rows share long cached prefixes
 (the scheduler says which, in `shared_lens_cpu`) may run as cascade attention instead (cascade.py): the
-prefix level on the prefill wrapper, the rest of each row on a second decode wrapper, merged per layer.
+prefix level on an FA2 prefill wrapper of its own, the rest of each row on a second decode wrapper, merged
+per layer.
 
 Planning is host work: the index pointers are built on the host from the batch's *_cpu tuples (FlashInfer
-copies them to the device itself), so nothing here waits for the GPU. `flashinfer` is imported lazily.
+copies them to the device itself; a copy from pageable memory waits for the stream, see kv_indptr_host). A
+cascade plan's index ranges go over in one such copy as well. `flashinfer` is imported lazily.
 """
 
 from __future__ import annotations
