@@ -6,8 +6,8 @@ request is finished here and its scheduler (that of its data-parallel replica) i
 (AbortRequest with reason STOP_STRING); the scheduler's own final update for it is then dropped.
 
 A request nobody reads before its finish (stream=False) and without stop strings is decoded once, at the
-finish: its updates wait here and go out as one output. Per-token decoding of such requests was ~20 ms of
-host time per step at 800 running requests (a CPU profile), on the event loop the scheduler shares.
+finish: its updates wait here and go out as one output, and no per-token decoding runs on the event loop
+the scheduler shares (a CPU run of 800 running requests on a tiny model: +2-3% throughput).
 """
 
 from __future__ import annotations

@@ -407,3 +407,13 @@ def test_profile_decode_times_worker_steps(tiny_model: Path, tmp_path: Path, one
     assert gaps.clock == "host" and gaps.batch_size == 3 and gaps.steps >= 8
     assert 0 <= gaps.idle_fraction < 1 and gaps.median_step_ms > 0
     assert result.trace_path is not None and Path(result.trace_path).is_file()  # a CPU-only Kineto trace
+
+
+def test_bench_scheduler_measures_steady_decode_steps() -> None:
+    from radixserve.benchmarks import bench_scheduler
+
+    cost = bench_scheduler.measure(rows=24, steps=10, system_len=64, question_len=8)
+    assert cost.rows == 24 and cost.steps == 10
+    assert 0 < cost.schedule_ms and 0 < cost.apply_ms
+    assert cost.total_ms == pytest.approx(cost.schedule_ms + cost.apply_ms)
+    assert cost.us_per_row == pytest.approx(1e3 * cost.total_ms / 24)
