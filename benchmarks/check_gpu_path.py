@@ -74,7 +74,7 @@ def check_cascade_groups(num_groups: int = 10, seed: int = 0) -> float:
     next_slot, r = 1, 0
     seq_lens: list[int] = []
     shared: list[int] = []
-    for size, prefix, own in zip(sizes, prefixes, tails, strict=True):
+    for prefix, own in zip(prefixes, tails, strict=True):
         head = torch.arange(next_slot, next_slot + prefix, dtype=torch.int32)
         next_slot += prefix
         for i, tail in enumerate(own):
@@ -121,7 +121,8 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str
         batch = AttentionBatch(
             torch.arange(rows, device=dev), torch.tensor(seq, device=dev, dtype=torch.int32),
             torch.ones(rows, device=dev, dtype=torch.int32),
-            torch.arange(rows, device=dev, dtype=torch.int32), table[:, -1].long(), table, tuple(seq), (1,) * rows, True, shared_lens)
+            torch.arange(rows, device=dev, dtype=torch.int32), table[:, -1].long(), table, tuple(seq),
+            (1,) * rows, True, shared_lens)
         fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
         fi.prepare(batch)
         times = []
@@ -160,7 +161,7 @@ async def pdl_same_tokens(model: str) -> bool:
     is a missing wait (a kernel reading its input before the previous kernel wrote it)."""
     import os
 
-    from radixserve.ops.pdl import DISABLE_ENV
+    from radixserve.ops.triton_launch import DISABLE_ENV
 
     torch.manual_seed(1)
     prompts = [torch.randint(100, 40000, (int(n),)).tolist() for n in torch.randint(8, 600, (12,))]

@@ -11,18 +11,11 @@ would do integer arithmetic on them, while casts to and from float32 are emulate
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its numpy interpreter (TRITON_INTERPRET=1) instead of compiling them."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from radixserve.ops.triton_launch import pdl_enabled, wait_for_predecessor
 
 
 def _check_rows(name: str, x: torch.Tensor) -> None:

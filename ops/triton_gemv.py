@@ -44,8 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
-from radixserve.ops.triton_fused import interpreting
+from radixserve.ops.triton_launch import interpreting, pdl_enabled, wait_for_predecessor
 
 MAX_M = 16  # the dot kernel pads the batch to this; larger batches belong to F.linear (a real GEMM)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

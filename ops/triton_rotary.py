@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from radixserve.ops.forward_batch import KVStore
-from radixserve.ops.pdl import pdl_enabled, wait_for_predecessor
+from radixserve.ops.triton_launch import pdl_enabled, wait_for_predecessor
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from radixserve.ops.attention.triton_kernels import (
     _decode_split_kernel,
     _extend_kernel,
 )
-from radixserve.ops.triton_fused import interpreting
+from radixserve.ops.triton_launch import interpreting
 
 
 def decode_head_groups(num_q_heads: int, num_kv_heads: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from radixserve.ops.attention.triton_ops import (  # noqa: E402
     extend_attention,
 )
 from radixserve.ops.forward_batch import AttentionBatch  # noqa: E402
-from radixserve.ops.triton_fused import interpreting  # noqa: E402
+from radixserve.ops.triton_launch import interpreting  # noqa: E402
 
 if interpreting() and not isinstance(triton.language.sum, InterpretedFunction):
     # torch._dynamo (which transformers imports) imports triton; when that came before TRITON_INTERPRET=1,

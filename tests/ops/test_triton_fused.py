@@ -20,7 +20,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from radixserve.ops.activation import SiluAndMul  # noqa: E402
 from radixserve.ops.norm import RMSNorm  # noqa: E402
-from radixserve.ops.triton_fused import interpreting, rms_norm, silu_and_mul, store_kv  # noqa: E402
+from radixserve.ops.triton_fused import rms_norm, silu_and_mul, store_kv  # noqa: E402
+from radixserve.ops.triton_launch import interpreting  # noqa: E402
 
 if interpreting() and not isinstance(triton.language.sum, InterpretedFunction):
     # torch._dynamo (which transformers imports) imports triton; when that came before TRITON_INTERPRET=1,

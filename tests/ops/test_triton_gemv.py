@@ -18,7 +18,6 @@ triton = pytest.importorskip(
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from radixserve.ops import triton_gemv  # noqa: E402
-from radixserve.ops.triton_fused import interpreting  # noqa: E402
 from radixserve.ops.triton_gemv import (  # noqa: E402
     CANDIDATES,
     MAX_M,
@@ -27,6 +26,7 @@ from radixserve.ops.triton_gemv import (  # noqa: E402
     pick_config,
     skinny_matmul,
 )
+from radixserve.ops.triton_launch import interpreting  # noqa: E402
 
 if interpreting() and not isinstance(triton.language.sum, InterpretedFunction):
     # torch._dynamo (which transformers imports) imports triton; when that came before TRITON_INTERPRET=1,

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for radixserve's Triton kernels.
+"""How radixserve's Triton kernels are launched: compiled or in the CPU interpreter, and with programmatic
+dependent launch (PDL, Hopper and later).
 
 A batch-1 decode step is ~330 small kernels in one CUDA graph, and the GPU idles ~1.5 us between each pair
 while the next grid is launched. A kernel launched with PDL (`launch_pdl=True`) may be scheduled while the
@@ -17,6 +18,7 @@ RADIXSERVE_DISABLE_PDL=1 turns it off (for A/B measurements).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,14 +29,24 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 DISABLE_ENV = "RADIXSERVE_DISABLE_PDL"
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its numpy interpreter (TRITON_INTERPRET=1) instead of compiling them."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    """A device's compute capability never changes: asked once, not at every launch of an eager step."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with PDL: compute capability 9.0+, compiled (not the CPU
     interpreter), and not switched off through the environment."""
-    if device.type != "cuda" or os.environ.get(DISABLE_ENV, "0") == "1":
+    if device.type != "cuda" or os.environ.get(DISABLE_ENV, "0") == "1" or interpreting():
         return False
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) >= 9
 
 
 @triton.jit
