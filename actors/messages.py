@@ -131,8 +131,8 @@ class StepPlan(_Msg):
     # follow in a StepMask for this step, which the worker awaits after launching the forward pass.
     grammar_mask_follows: bool = False
     appended_tokens: list[AppendedTokens] = []  # applied first (before released_rows and new_requests)
-    # Decode steps with the radix cache on: int32 [B], row b's first shared_lens[b] KV slots are row b-1's
-    # (see actors/shared_prefix.py); empty otherwise.
+    # With the radix cache on: int32, one per leading row decoding one token (all of a decode step's), row b's
+    # first shared_lens[b] KV slots are row b-1's (see actors/shared_prefix.py); empty otherwise.
     shared_lens: bytes = b""
 
 

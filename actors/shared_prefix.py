@@ -59,8 +59,12 @@ def shared_prefix_lens(reqs: list[Req]) -> list[int]:
 
 
 def decode_shared_lens(rows: list[tuple[Req, int]]) -> bytes:
-    """StepPlan.shared_lens (int32 [B]) of a step whose rows are (request, new tokens): empty unless every row
-    decodes one token and there are at least two."""
-    if len(rows) < 2 or any(n != 1 for _, n in rows):
+    """StepPlan.shared_lens of a step whose rows are (request, new tokens): int32, one per leading row that
+    decodes one token (all rows of a decode step; a mixed step's decode rows come first); empty when fewer
+    than two rows lead."""
+    d = 0
+    while d < len(rows) and rows[d][1] == 1:
+        d += 1
+    if d < 2:
         return b""
-    return np.asarray(shared_prefix_lens([req for req, _ in rows]), dtype="<i4").tobytes()
+    return np.asarray(shared_prefix_lens([req for req, _ in rows[:d]]), dtype="<i4").tobytes()

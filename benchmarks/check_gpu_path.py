@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -24,7 +25,8 @@ from radixserve.ops.forward_batch import AttentionBatch
 
 def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) -> float:
     """Relative error of FlashInfer against the torch backend in float32; with `shared`, every row's first
-    `shared` slots are the same (one cached prefix) and the step must run as cascade attention."""
+    `shared` slots are the same (one cached prefix) and the leading decode rows must run as cascade attention
+    (in a mixed step, apart from the prompt rows)."""
     torch.manual_seed(0)
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     slots = sum(seq_lens) - shared * (len(seq_lens) - 1) + 1
@@ -43,8 +45,10 @@ def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) 
         torch.arange(len(seq_lens), device=dev), torch.tensor(seq_lens, device=dev, dtype=torch.int32),
         torch.tensor(extend_lens, device=dev, dtype=torch.int32), torch.tensor(starts, device=dev, dtype=torch.int32),
         out_slots, table, tuple(seq_lens), tuple(extend_lens), all(e == 1 for e in extend_lens),
-        (0,) + (shared,) * (len(seq_lens) - 1) if shared else (),
     )
+    decode_rows = batch.num_leading_decode_rows
+    if shared:
+        batch = dataclasses.replace(batch, shared_lens_cpu=(0,) + (shared,) * (decode_rows - 1))
     t = sum(extend_lens)
     q = torch.randn(t, hq, d, device=dev, dtype=dt)
     k = torch.randn(t, hkv, d, device=dev, dtype=dt)
@@ -52,6 +56,7 @@ def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) 
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
+    assert fi._split == (decode_rows if 0 < decode_rows < len(seq_lens) else 0), "mixed step not split"
     out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
     ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])
     ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch)
@@ -142,6 +147,48 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str
     return res
 
 
+def time_mixed(decode_rows: int, context: int, prompt: int, layers: int = 32) -> dict[str, float]:
+    """A mixed step's attention (`layers` layers): `decode_rows` rows decoding at `context` tokens, then one
+    `prompt`-token chunk; batch prefill over all rows vs decode rows apart (split): milliseconds (CUDA events,
+    median of 5), and the decode rows' KV bytes over the H100's copy rate."""
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
+    slots = decode_rows * context + prompt + 1
+    k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    rows = decode_rows + 1
+    table = torch.zeros(rows, max(context, prompt), dtype=torch.int32, device=dev)
+    table[:decode_rows, :context] = (1 + torch.arange(decode_rows * context, device=dev)).view(
+        decode_rows, context).to(torch.int32)
+    first = 1 + decode_rows * context
+    table[decode_rows, :prompt] = torch.arange(first, first + prompt, device=dev, dtype=torch.int32)
+    seq, ext = [context] * decode_rows + [prompt], [1] * decode_rows + [prompt]
+    out_slots = torch.cat([table[:decode_rows, context - 1], table[decode_rows, :prompt]]).long()
+    batch = AttentionBatch(
+        torch.arange(rows, device=dev), torch.tensor(seq, device=dev, dtype=torch.int32),
+        torch.tensor(ext, device=dev, dtype=torch.int32),
+        torch.tensor([sum(ext[:i]) for i in range(rows)], device=dev, dtype=torch.int32), out_slots, table,
+        tuple(seq), tuple(ext), False)
+    q = torch.randn(sum(ext), hq, d, device=dev, dtype=dt)
+    res: dict[str, float] = {}
+    for name, split in (("whole_prefill", False), ("split", True)):
+        fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
+        fi.split_mixed_steps = split
+        fi.prepare(batch)
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for layer in range(layers):
+                fi.forward(q, q[:, :hkv], q[:, :hkv], layer, d**-0.5, batch, kv_stored=True)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        res[f"{name}_ms"] = statistics.median(times[1:])
+        del fi
+    res["decode_rows_kv_floor_ms"] = decode_rows * context * layers * 2 * hkv * d * 2 / 3.0e9
+    return res
+
+
 async def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
     outs: list[list[int]] = [[] for _ in prompts]
 
@@ -193,8 +240,12 @@ async def main(args: argparse.Namespace) -> None:
     res["backend_cascade_rel_err"] = check_backend(
         [1] * 16, [2048 + 3 * i for i in range(1, 17)], shared=2048)
     res["backend_cascade_groups_rel_err"] = [check_cascade_groups(seed=s) for s in range(3)]
+    res["backend_mixed_rel_err"] = check_backend([1, 1, 1, 1, 300, 5], [17, 300, 2048, 1000, 1300, 5])
+    res["backend_mixed_cascade_rel_err"] = check_backend(
+        [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048)
     print(res, flush=True)
     res["cascade_attention_32_layers"] = time_cascade(rows=1024, shared=2048, own=256)
+    res["mixed_step_attention_32_layers"] = time_mixed(decode_rows=150, context=2700, prompt=4000)
     if args.pdl_check:
         res["pdl_same_tokens"] = await pdl_same_tokens(args.model)
     if args.only_attention or args.pdl_check:

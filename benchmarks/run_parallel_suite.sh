@@ -22,6 +22,8 @@
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
 #                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
+#   mixed_split     offline_steps with a mixed step's rows all in batch prefill (RADIXSERVE_DISABLE_MIXED_SPLIT=1),
+#                   then with its decode rows apart (the default), on card 0
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 #   constrained_gaps  batch-64 decode, every request constrained by a grammar and none: step period and GPU
 #                   idle between steps (profile_decode), on card 0
@@ -130,6 +132,9 @@ for stage in "$@"; do
       offline 0 llama_offline "$LLAMA" ;;
     offline_steps)
       offline 0 llama_offline_steps "$LLAMA" --step-timing ;;
+    mixed_split)
+      RADIXSERVE_DISABLE_MIXED_SPLIT=1 offline 0 llama_offline_nosplit "$LLAMA" --step-timing
+      offline 0 llama_offline_split "$LLAMA" --step-timing ;;
     trace_bs1)
       job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
         --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;

@@ -2,11 +2,16 @@
 
 The pool's per-layer buffers [num_slots, kv_heads, head_dim] are FlashInfer's NHD paged layout with one token
 per page, so a request's page list is simply its row of req_to_token. Steps where every row decodes one token
-use the batch-decode kernels (tensor cores, which win for GQA); any step with a longer row uses batch prefill
-with causal masking over [cached prefix | new tokens]. A decode step whose rows share long cached prefixes
-(the scheduler says which, in `shared_lens_cpu`) may run as cascade attention instead (cascade.py): the
-prefix level on an FA2 prefill wrapper of its own, the rest of each row on a second decode wrapper, merged
-per layer.
+use the batch-decode kernels (tensor cores, which win for GQA); rows with more new tokens use batch prefill
+with causal masking over [cached prefix | new tokens]. A mixed step (decode rows first, then prompt chunks)
+runs both, each on its rows: FlashInfer's prefill kernel took ~0.44 ms per decode row riding in a mixed step
+on an H100 (an offline run's step times; a decode step spends ~0.17), since its tiles are sized for the long
+prompt rows. Decode rows that share long cached prefixes (the scheduler says which, in `shared_lens_cpu`) may
+run as cascade attention instead (cascade.py): the prefix level on an FA2 prefill wrapper of its own, the
+rest of each row on a second decode wrapper, merged per layer.
+
+Workspaces: wrappers planned for the same step need their own. A (`workspace`): plain decode, whole-step
+prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompt rows.
 
 Planning is host work: the index pointers are built on the host from the batch's *_cpu tuples (FlashInfer
 copies them to the device itself; a copy from pageable memory waits for the stream, see kv_indptr_host). A
@@ -25,6 +30,7 @@ from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
+DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step's rows all run batch prefill (A/B)
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -101,9 +107,13 @@ class FlashInferAttentionBackend:
         self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.suffix_workspace, "NHD", use_tensor_cores=True)
-        self._wrapper: Any = None
-        self._cascade = False
+        self.extend_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.extend_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.extend_workspace, "NHD")
+        self._wrapper: Any = None  # the decode rows' wrapper, or the whole step's
+        self._cascade = False  # the decode rows run as cascade (prefix_prefill + suffix_decode)
+        self._split = 0  # a mixed step's decode rows (they run apart from its prompt rows); 0: not split
         self.cascade_enabled = os.environ.get(DISABLE_CASCADE_ENV, "0") != "1"
+        self.split_mixed_steps = os.environ.get(DISABLE_MIXED_SPLIT_ENV, "0") != "1"
         self.num_cascade_steps = 0
         if self.cascade_enabled:
             self._load_cascade_kernels()
@@ -149,25 +159,37 @@ class FlashInferAttentionBackend:
         self._wrapper = wrapper
 
     def prepare(self, batch: AttentionBatch) -> None:
-        self._cascade = False
-        if batch.is_decode and batch.shared_lens_cpu and self.cascade_enabled:
-            cascade = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
+        self._cascade, self._split = False, 0
+        d = batch.num_leading_decode_rows
+        if d == batch.num_rows:
+            self._prepare_decode(batch)
+        elif d == 0 or not self.split_mixed_steps:
+            self._plan_prefill(self.prefill, batch)
+            self._wrapper = self.prefill
+        else:
+            decode_rows, prompt_rows = batch.split_rows(d)
+            self._prepare_decode(decode_rows)
+            self._plan_prefill(self.extend_prefill, prompt_rows)
+            self._split = d
+
+    def _prepare_decode(self, batch: AttentionBatch) -> None:
+        if batch.shared_lens_cpu and self.cascade_enabled:
+            shared = batch.shared_lens_cpu + (0,) * (batch.num_rows - len(batch.shared_lens_cpu))
+            cascade = plan_cascade(batch.seq_lens_cpu, shared)
             if cascade is not None:
                 self._plan_cascade(batch, cascade)
                 return
-        total = sum(batch.seq_lens_cpu)
-        indices = gather_kv_indices(batch, total).to(torch.int32)
-        if batch.is_decode:
-            self.plan_decode(self.decode, batch, indices)
-            return
-        qo_indptr = kv_indptr_host(batch.extend_lens_cpu)
-        self.prefill.plan(
-            qo_indptr, kv_indptr_host(batch.seq_lens_cpu), indices,
+        indices = gather_kv_indices(batch, sum(batch.seq_lens_cpu)).to(torch.int32)
+        self.plan_decode(self.decode, batch, indices)
+
+    def _plan_prefill(self, wrapper: Any, batch: AttentionBatch) -> None:
+        indices = gather_kv_indices(batch, sum(batch.seq_lens_cpu)).to(torch.int32)
+        wrapper.plan(
+            kv_indptr_host(batch.extend_lens_cpu), kv_indptr_host(batch.seq_lens_cpu), indices,
             torch.ones(batch.num_rows, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.scale,
             q_data_type=self.dtype, kv_data_type=self.dtype,
         )
-        self._wrapper = self.prefill
 
     def _plan_cascade(self, batch: AttentionBatch, plan: CascadePlan) -> None:
         G, B = plan.num_groups, batch.num_rows
@@ -213,10 +235,21 @@ class FlashInferAttentionBackend:
             store_kv(k, v, k_buf, v_buf, batch.out_slots)
         shape = (k_buf.shape[0], 1, self.num_kv_heads, self.head_dim)  # NHD pages of one token
         kv = (k_buf.view(shape), v_buf.view(shape))
-        if not self._cascade:
-            return self._wrapper.run(q.contiguous(), kv)
         q = q.contiguous()
-        out, lse = self.prefix_prefill.run(q, kv, return_lse=True)
+        if not self._split:
+            return self._attend_decode(q, kv, None) if self._cascade else self._wrapper.run(q, kv)
+        d = self._split
+        out = torch.empty_like(q)
+        self._attend_decode(q[:d], kv, out[:d])
+        self.extend_prefill.run(q[d:], kv, out=out[d:])
+        return out
+
+    def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """The decode rows' attention, plain or cascade, into `out` (a fresh tensor when None)."""
+        if not self._cascade:
+            return self._wrapper.run(q, kv, out=out)
+        out, lse = self.prefix_prefill.run(q, kv, out=out, return_lse=True)
         suffix_out, suffix_lse = self.suffix_decode.run(q, kv, return_lse=True)
         self._flashinfer.merge_state_in_place(out, lse, suffix_out, suffix_lse)
         return out

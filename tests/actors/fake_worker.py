@@ -56,6 +56,7 @@ class FakeWorker:
         self.rows_live: set[int] = set()
         self.tokens_computed = 0
         self.shared_rows = 0  # decode rows whose plan said they share slots with the row before
+        self.shared_mixed_steps = 0  # steps with prompt rows whose decode rows came with shared_lens
         self.contexts: dict[int, list[int]] = {}
         self.penalty_outputs: dict[int, list[int]] = {}
         self.released_penalty_outputs: list[list[int]] = []
@@ -126,14 +127,18 @@ class FakeWorker:
         return StepResult(step=plan.step, tokens=tokens.astype("<i4").tobytes())
 
     def _check_shared_lens(self, plan: StepPlan, req_rows: np.ndarray, seq_lens: np.ndarray) -> None:
-        """A decode plan's shared_lens must be, for each row, the longest common head of its table row and the
-        previous row's (private slots are never shared, so that is exactly what the two share)."""
+        """A plan's shared_lens must cover exactly its leading one-token rows and be, for each, the longest
+        common head of its table row and the previous row's (private slots are never shared, so that is
+        exactly what the two share)."""
         if not plan.shared_lens:
             return
         shared = np.frombuffer(plan.shared_lens, dtype="<i4")
-        assert len(shared) == len(req_rows) and shared[0] == 0
+        extend = np.frombuffer(plan.extend_lens, dtype="<i4")
+        leading = len(extend) if (extend == 1).all() else int(np.argmax(extend != 1))
+        assert len(shared) == leading and shared[0] == 0, (len(shared), leading)
+        self.shared_mixed_steps += int(leading < len(extend))
         self.shared_rows += int((shared > 0).sum())
-        for b in range(1, len(req_rows)):
+        for b in range(1, len(shared)):
             n = int(min(seq_lens[b], seq_lens[b - 1]))
             a, c = self.table[req_rows[b - 1], :n], self.table[req_rows[b], :n]
             differ = np.nonzero(a != c)[0]

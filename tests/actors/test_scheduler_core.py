@@ -121,6 +121,24 @@ def test_concurrent_requests_share_a_system_prompt_computed_once(policy: str) ->
     core.check_integrity()
 
 
+def test_mixed_steps_say_which_decode_rows_share_a_prefix() -> None:
+    """Requests under one system prompt decode while later ones prefill: the mixed steps' leading decode rows
+    carry shared_lens too (the attention backend may cascade them apart from the prompt rows); the fake
+    worker checks every value against its table."""
+    rng = random.Random(3)
+    system = [rng.randrange(4, VOCAB) for _ in range(200)]
+
+    def prompt() -> list[int]:
+        return system + [rng.randrange(4, VOCAB) for _ in range(30)]
+
+    arrivals = {tick: [(f"r{tick}-{i}", prompt(), 30) for i in range(4)] for tick in (0, 6, 12, 18)}
+    core, worker = make(chunked_prefill_size=64)
+    got = outputs(run(core, worker, arrivals))
+    assert got == {rid: reference_generate(p, n, {STOP}) for wave in arrivals.values() for rid, p, n in wave}
+    assert worker.shared_mixed_steps >= 3, worker.shared_mixed_steps
+    core.check_integrity()
+
+
 def test_a_prompt_cached_by_another_request_is_not_retried_every_step() -> None:
     """Two requests with one 20-token prompt (too short for admission's hold-back) prefill in the same step:
     the first hands the prompt to the tree, the second's copy is a duplicate. It tries once, not at every
