@@ -80,6 +80,8 @@ class ProfileDecodeResult:
     gaps: DecodeGapStats
     trace: gpu_trace.TraceStats | None
     trace_path: str | None
+    # The traced steps' kernels by total device time: (name, launches, ms); empty without a trace.
+    kernels: list[tuple[str, int, float]]
     max_idle_fraction: float
     passed: bool
 
@@ -172,6 +174,8 @@ def report(result: ProfileDecodeResult, device: str) -> None:
             ("Trace: idle after DtoH (% of period)", 100 * t.between_step_idle_fraction),
             ("Trace: all GPU idle (% of window)", 100 * t.idle_fraction),
         ]
+    for name, count, ms in result.kernels:
+        print(f"{ms:10.2f} ms {count:6d}x  {name}")
     verdict = "PASS" if result.passed else "FAIL"
     rows.append((f"Idle < {100 * result.max_idle_fraction:.1f}% of step", verdict))
     print_table(f"Decode GPU idle ({device})", rows)
@@ -214,14 +218,16 @@ def main(argv: list[str] | None = None) -> ProfileDecodeResult:
     dump = max(dumps, key=lambda d: len(d["steps"]))  # rank 0 of a TP group has the same steps as the rest
     profiled = dump.get("profiled_steps") or None
     gaps = decode_gaps(dump["steps"], dump["clock"], args.batch_size, args.skip_steps, profiled)
-    trace = None
+    trace, kernels = None, []
     if args.torch_profile_steps and Path(trace_path).is_file():
-        trace = gpu_trace.analyze(gpu_trace.load_trace(trace_path))
+        events = gpu_trace.load_trace(trace_path)
+        trace, kernels = gpu_trace.analyze(events), gpu_trace.kernel_totals(events, top=25)
     result = ProfileDecodeResult(
         engine_seconds=seconds,
         gaps=gaps,
         trace=trace,
         trace_path=trace_path if Path(trace_path).is_file() else None,
+        kernels=kernels,
         max_idle_fraction=args.max_idle_fraction,
         passed=gaps.idle_fraction < args.max_idle_fraction,
     )

@@ -17,13 +17,16 @@
 #   offline_4gpu    Qwen offline TP4, DP4, then TP2 + DP2
 #   constrained     bench_constrained on card 0 (jump-forward on/off, batch-64 mask overhead)
 #   shared_prefix   64 groups x 16 prompts (2048-token system prompt, 128 question, 256 out), radix cache on
-#                   and off (CACHE="on" for one), up to 1024 requests running, on card 0
+#                   and off (CACHE="on" for one; SP_ARGS: more bench_offline flags), up to 1024 requests
+#                   running, on card 0
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
 #                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
 #   mixed_split     offline_steps with a mixed step's rows all in batch prefill (RADIXSERVE_DISABLE_MIXED_SPLIT=1),
 #                   then with its decode rows apart (the default), on card 0
+#   decode_profile  decode steps of 128 rows at 2.7k tokens of context (the offline run's typical step): step
+#                   period and the kernels of 8 traced steps, on card 0
 #   trace_bs1       batch-1 decode on card 0: GPU idle between steps and a kernel trace of 8 steps
 #   constrained_gaps  batch-64 decode, every request constrained by a grammar and none: step period and GPU
 #                   idle between steps (profile_decode), on card 0
@@ -124,7 +127,7 @@ for stage in "$@"; do
         job 0 shared_prefix_$cache $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
           --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
           --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
-          --max-running-requests 1024 $flag
+          --max-running-requests 1024 $flag ${SP_ARGS:-}
       done ;;
     serving)
       serving 0 ;;
@@ -135,6 +138,9 @@ for stage in "$@"; do
     mixed_split)
       RADIXSERVE_DISABLE_MIXED_SPLIT=1 offline 0 llama_offline_nosplit "$LLAMA" --step-timing
       offline 0 llama_offline_split "$LLAMA" --step-timing ;;
+    decode_profile)  # the offline run's typical decode step: 128 rows at ~2.7k tokens of context
+      job 0 decode_profile_128 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 128 \
+        --input-len 2700 --output-len 60 --skip-steps 16 --torch-profile-steps 8 ;;
     trace_bs1)
       job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
         --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;
