@@ -90,6 +90,22 @@ def test_staggered_batch_with_chunks_and_retraction(overlap: bool, policy: str) 
     assert core.kv.private_slots == 0
 
 
+def test_retraction_leaves_room_for_many_steps() -> None:
+    """Over-admitted requests run out of slots while decoding: each round of retractions (a pipeline drain)
+    frees room for RETRACT_HEADROOM_STEPS steps of the rest, rather than the one step that ran short."""
+    rng = random.Random(5)
+    prompts = {f"r{i}": [rng.randrange(4, VOCAB) for _ in range(20)] for i in range(32)}
+    core, worker = make(num_slots=900, chunked_prefill_size=256, new_token_ratio=0.05,
+                        min_new_token_ratio=0.0)
+    got = outputs(run(core, worker, {0: [(rid, p, 100) for rid, p in prompts.items()]}))
+    assert got == {rid: reference_generate(p, 100, {STOP}) for rid, p in prompts.items()}
+    assert core.num_retraction_rounds > 0, "the pool was meant to run short"
+    assert core.num_retractions >= 3 * core.num_retraction_rounds, (
+        core.num_retractions, core.num_retraction_rounds)
+    core.check_integrity()
+    assert core.kv.private_slots == 0
+
+
 def test_prefix_hit_skips_recomputation() -> None:
     core, worker = make()
     prefix = [random.Random(1).randrange(4, VOCAB) for _ in range(1000)]
