@@ -10,6 +10,7 @@ in arrival order: the scheduler relies on it (a later step may read KV that an e
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import queue
 import select
@@ -227,6 +228,10 @@ def serve(mailbox: BlockingSocketMailbox[WorkerInbox]) -> None:
         mailbox.send(WorkerFailed(rank, f"worker {rank} failed to start: {type(e).__name__}: {e}"))
         raise
     mailbox.send(ready)
+    # The model, its graphs and torch's modules live as long as the worker: keep them out of the cyclic GC's
+    # full collections, which paused the step loop for ~0.3 s each in offline runs on an H100.
+    gc.collect()
+    gc.freeze()
     sender = ResultSender(mailbox) if rank == 0 and runner.device.type == "cuda" else None
 
     # A step launched and waiting for its grammar masks: the scheduler sends them before any later plan.
