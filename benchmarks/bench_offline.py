@@ -278,9 +278,12 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     """The benchmark with every worker step timed; the result with its step breakdown, and the measured
     steps ({"columns", "steps": ndarray})."""
     with tempfile.TemporaryDirectory(prefix="radixserve-steps-") as tmp:
-        trace = str(Path(args.result_dir or tmp) / "trace_mixed_steps.json")
-        cfg = StepTimingConfig(out_dir=tmp, profile_steps=args.profile_mixed_steps, profile_skip=5,
-                               trace_path=trace, profile_mixed=True)
+        mixed = not args.profile_decode_steps
+        kind = "mixed" if mixed else "decode"
+        trace = str(Path(args.result_dir or tmp) / f"trace_{kind}_steps.json")
+        cfg = StepTimingConfig(out_dir=tmp, profile_steps=args.profile_mixed_steps or args.profile_decode_steps,
+                               profile_skip=5, trace_path=trace, profile_mixed=mixed,
+                               min_rows=args.profile_min_rows)
         with step_timing_env(cfg, Path(tmp)):
             result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
         dumps = load_steps(tmp)
@@ -289,8 +292,10 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     if (args.dp_size or 1) > 1:
         print(f"NOTE: {len(dumps)} workers timed; the step breakdown covers the one with the most steps")
     dump = max(dumps, key=lambda d: len(d["steps"]))  # TP ranks run the same steps
-    if args.profile_mixed_steps and dump.get("trace") and Path(dump["trace"]).exists():
-        print(f"\nKernels of {args.profile_mixed_steps} steps with prompt tokens ({dump['trace']})")
+    profiled = args.profile_mixed_steps or args.profile_decode_steps
+    if profiled and dump.get("trace") and Path(dump["trace"]).exists():
+        what = "steps with prompt tokens" if args.profile_mixed_steps else "decode steps"
+        print(f"\nKernels of {profiled} {what} of >= {args.profile_min_rows} rows ({dump['trace']})")
         kernels = gpu_trace.kernel_totals(gpu_trace.load_trace(dump["trace"]))
         if kernels:
             print_grid(["kernel", "count", "ms"], kernels)
@@ -347,10 +352,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-mixed-steps", type=int, default=0,
                         help="with --step-timing: a torch.profiler trace of this many steps with prompt "
                              "tokens (after 5 of them), and their kernels by total time")
+    parser.add_argument("--profile-decode-steps", type=int, default=0,
+                        help="the same for decode steps (one token per row)")
+    parser.add_argument("--profile-min-rows", type=int, default=1,
+                        help="profiled steps have at least this many rows")
     add_common_args(parser)
     add_dataset_args(parser)
     add_engine_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.profile_mixed_steps and args.profile_decode_steps:
+        parser.error("--profile-mixed-steps and --profile-decode-steps: one profiler window per run")
+    if (args.profile_mixed_steps or args.profile_decode_steps) and not args.step_timing:
+        parser.error("the profiler window needs --step-timing")
+    return args
 
 
 def main(argv: list[str] | None = None) -> OfflineResult:

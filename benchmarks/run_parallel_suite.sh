@@ -19,6 +19,7 @@
 #   shared_prefix   64 groups x 16 prompts (2048-token system prompt, 128 question, 256 out), radix cache on
 #                   and off (CACHE="on" for one; SP_ARGS: more bench_offline flags), up to 1024 requests
 #                   running, on card 0
+#   eager_profile   the shared-prefix run (cache on) with the kernels of 2 of its eager decode steps (>= 800 rows)
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
@@ -129,6 +130,11 @@ for stage in "$@"; do
           --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
           --max-running-requests 1024 $flag ${SP_ARGS:-}
       done ;;
+    eager_profile)  # the kernels of 2 eager decode steps of the shared-prefix run (>= 800 rows, cascade)
+      job 0 eager_profile $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
+        --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
+        --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
+        --max-running-requests 1024 --step-timing --profile-decode-steps 2 --profile-min-rows 800 ;;
     serving)
       serving 0 ;;
     offline)
@@ -140,7 +146,7 @@ for stage in "$@"; do
       offline 0 llama_offline_split "$LLAMA" --step-timing ;;
     decode_profile)  # the offline run's typical decode step: 128 rows at ~2.7k tokens of context
       job 0 decode_profile_128 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 128 \
-        --input-len 2700 --output-len 60 --skip-steps 16 --torch-profile-steps 8 ;;
+        --input-len 2700 --output-len 400 --skip-steps 16 --torch-profile-steps 8 ;;
     trace_bs1)
       job 0 trace_bs1 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 1 --input-len 1024 \
         --output-len 120 --skip-steps 20 --torch-profile-steps 8 ;;
