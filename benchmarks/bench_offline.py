@@ -281,9 +281,9 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
         mixed = not args.profile_decode_steps
         kind = "mixed" if mixed else "decode"
         trace = str(Path(args.result_dir or tmp) / f"trace_{kind}_steps.json")
-        cfg = StepTimingConfig(out_dir=tmp, profile_steps=args.profile_mixed_steps or args.profile_decode_steps,
-                               profile_skip=5, trace_path=trace, profile_mixed=mixed,
-                               min_rows=args.profile_min_rows)
+        window = args.profile_mixed_steps or args.profile_decode_steps
+        cfg = StepTimingConfig(out_dir=tmp, profile_steps=window, profile_skip=5, trace_path=trace,
+                               profile_mixed=mixed, min_rows=args.profile_min_rows)
         with step_timing_env(cfg, Path(tmp)):
             result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
         dumps = load_steps(tmp)
