@@ -39,11 +39,13 @@ def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) 
     for r, s in enumerate(seq_lens):
         table[r, shared:s] = perm[off : off + s - shared].to(torch.int32)
         off += s - shared
-    out_slots = torch.cat([table[r, s - e : s] for r, (s, e) in enumerate(zip(seq_lens, extend_lens))]).long()
+    rows = enumerate(zip(seq_lens, extend_lens, strict=True))
+    out_slots = torch.cat([table[r, s - e : s] for r, (s, e) in rows]).long()
     starts = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
     batch = AttentionBatch(
         torch.arange(len(seq_lens), device=dev), torch.tensor(seq_lens, device=dev, dtype=torch.int32),
-        torch.tensor(extend_lens, device=dev, dtype=torch.int32), torch.tensor(starts, device=dev, dtype=torch.int32),
+        torch.tensor(extend_lens, device=dev, dtype=torch.int32),
+        torch.tensor(starts, device=dev, dtype=torch.int32),
         out_slots, table, tuple(seq_lens), tuple(extend_lens), all(e == 1 for e in extend_lens),
     )
     decode_rows = batch.num_leading_decode_rows
@@ -56,7 +58,8 @@ def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) 
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
-    assert fi._split == (decode_rows if 0 < decode_rows < len(seq_lens) else 0), "mixed step not split"
+    split = decode_rows if 0 < decode_rows < len(seq_lens) else 0
+    assert fi.split_decode_rows == split, "a mixed step's decode rows must run apart"
     out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
     ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])
     ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch)
@@ -193,7 +196,8 @@ async def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[i
     outs: list[list[int]] = [[] for _ in prompts]
 
     async def one(i: int) -> None:
-        o = await engine.generate(input_ids=prompts[i], sampling_params={"temperature": 0, "max_new_tokens": 32})
+        params = {"temperature": 0, "max_new_tokens": 32}
+        o = await engine.generate(input_ids=prompts[i], sampling_params=params)
         outs[i] = o.token_ids
 
     async with anyio.create_task_group() as tg:  # concurrently: decode batches of several rows
@@ -225,10 +229,10 @@ async def decode_speed(engine: Engine, input_len: int, output_len: int) -> dict[
     ids = torch.randint(100, 40000, (input_len,)).tolist()
     stamps: list[float] = []
     t0 = time.perf_counter()
-    async for delta in engine.stream(input_ids=ids, sampling_params={"max_new_tokens": output_len, "ignore_eos": True,
-                                                                     "temperature": 0}):
+    params = {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0}
+    async for delta in engine.stream(input_ids=ids, sampling_params=params):
         stamps.extend([time.perf_counter()] * max(1, len(delta.token_ids)))
-    itl = [b - a for a, b in zip(stamps, stamps[1:]) if b > a]
+    itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if b > a]
     return {"ttft_s": stamps[0] - t0, "median_itl_ms": 1e3 * statistics.median(itl),
             "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 

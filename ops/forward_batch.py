@@ -62,8 +62,8 @@ class AttentionBatch:
         assert 0 < d < self.num_rows and d <= self.num_leading_decode_rows
         head = AttentionBatch(
             req_rows=self.req_rows[:d], seq_lens=self.seq_lens[:d], extend_lens=self.extend_lens[:d],
-            extend_starts=self.extend_starts[:d], out_slots=self.out_slots[:d], req_to_token=self.req_to_token,
-            seq_lens_cpu=self.seq_lens_cpu[:d], extend_lens_cpu=self.extend_lens_cpu[:d], is_decode=True,
+            extend_starts=self.extend_starts[:d], out_slots=self.out_slots[:d],
+            req_to_token=self.req_to_token, seq_lens_cpu=self.seq_lens_cpu[:d], extend_lens_cpu=self.extend_lens_cpu[:d], is_decode=True,
             shared_lens_cpu=self.shared_lens_cpu[:d],
         )
         tail = AttentionBatch(

@@ -11,7 +11,7 @@ run as cascade attention instead (cascade.py): the prefix level on an FA2 prefil
 rest of each row on a second decode wrapper, merged per layer.
 
 Workspaces: wrappers planned for the same step need their own. A (`workspace`): plain decode, whole-step
-prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompt rows.
+prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompts.
 
 Planning is host work: the index pointers are built on the host from the batch's *_cpu tuples (FlashInfer
 copies them to the device itself; a copy from pageable memory waits for the stream, see kv_indptr_host). A
@@ -30,7 +30,7 @@ from radixserve.ops.forward_batch import AttentionBatch, KVStore
 
 WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
-DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step's rows all run batch prefill (A/B)
+DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step in one batch prefill (A/B)
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -171,6 +171,11 @@ class FlashInferAttentionBackend:
             self._prepare_decode(decode_rows)
             self._plan_prefill(self.extend_prefill, prompt_rows)
             self._split = d
+
+    @property
+    def split_decode_rows(self) -> int:
+        """Decode rows of the planned step that run apart from its prompt rows (0: the step is not split)."""
+        return self._split
 
     def _prepare_decode(self, batch: AttentionBatch) -> None:
         if batch.shared_lens_cpu and self.cascade_enabled:

@@ -25,8 +25,10 @@ def _reference(
     return torch.einsum("hes,shd->ehd", scores.softmax(-1), v)
 
 
-def _run(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0) -> None:
-    """rows: (prefix_len, extend_len) per row. Prefix K/V are put in the pool first, at scattered slots."""
+def _run(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0, split: int = 0) -> None:
+    """rows: (prefix_len, extend_len) per row. Prefix K/V are put in the pool first, at scattered slots.
+    split > 0: the batch's first `split` (decode) rows and the rest attend as two batches (split_rows), the way
+    the FlashInfer backend runs a mixed step."""
     g = torch.Generator().manual_seed(seed)
     cache = KVCache(NUM_LAYERS, NUM_SLOTS, KV_HEADS, HEAD_DIM, dtype, "cpu")
     table = ReqToTokenTable(max_rows=len(rows) + 3, max_context=64, device="cpu")
@@ -65,7 +67,14 @@ def _run(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0) -> None
     other_layer_before = cache.k_buffers[0].clone()
 
     scale = HEAD_DIM**-0.5
-    out = TorchAttentionBackend(cache.k_buffers, cache.v_buffers).forward(q, k, v, layer, scale, batch)
+    backend = TorchAttentionBackend(cache.k_buffers, cache.v_buffers)
+    if split:
+        head, tail = batch.split_rows(split)
+        assert head.is_decode and head.num_tokens == split and tail.num_rows == len(rows) - split
+        out = torch.cat([backend.forward(q[:split], k[:split], v[:split], layer, scale, head),
+                         backend.forward(q[split:], k[split:], v[split:], layer, scale, tail)])
+    else:
+        out = backend.forward(q, k, v, layer, scale, batch)
 
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.equal(cache.k_buffers[layer][batch.out_slots], k)
@@ -96,3 +105,23 @@ def test_single_prefill_row_without_prefix() -> None:
 
 def test_long_extend_over_long_prefix() -> None:
     _run([(40, 20), (2, 3)], torch.float32, seed=3)
+
+
+def test_a_mixed_step_split_into_its_decode_rows_and_the_rest() -> None:
+    rows = [(5, 1), (20, 1), (0, 1), (13, 4), (0, 7), (3, 1)]
+    _run(rows, torch.float32, seed=4, split=3)
+
+
+def test_leading_decode_rows() -> None:
+    def batch(extend_lens: list[int]) -> AttentionBatch:
+        n, t = len(extend_lens), sum(extend_lens)
+        return AttentionBatch(
+            torch.arange(n), torch.ones(n, dtype=torch.int32), torch.tensor(extend_lens, dtype=torch.int32),
+            torch.zeros(n, dtype=torch.int32), torch.zeros(t, dtype=torch.int64), torch.zeros(n, 8),
+            tuple([8] * n), tuple(extend_lens), all(e == 1 for e in extend_lens))
+
+    assert batch([1, 1, 3, 1]).num_leading_decode_rows == 2
+    assert batch([4, 1, 1]).num_leading_decode_rows == 0
+    assert batch([1, 1, 1]).num_leading_decode_rows == 3
+    with pytest.raises(AssertionError):
+        batch([1, 3, 1]).split_rows(2)  # row 1 does not decode

@@ -147,6 +147,20 @@ def test_backend_mixed_step_float32(group: int, head_dim: int) -> None:
     torch.testing.assert_close(out, torch_out, atol=1e-4, rtol=1e-4)
 
 
+def test_backend_split_rows_of_a_mixed_step() -> None:
+    """A mixed step's leading decode rows and its other rows attend as two batches (AttentionBatch.split_rows,
+    as the FlashInfer backend runs them): each half's extend_starts must index its own q."""
+    rows = [(5, 1), (20, 1), (0, 1), (13, 4), (0, 7)]
+    case = Case(rows, 4, 64, torch.float32, seed=11)
+    backend = TritonAttentionBackend(case.cache.k_buffers, case.cache.v_buffers)
+    head, tail = case.batch.split_rows(3)
+    parts = []
+    for lo, hi, part in ((0, 3, head), (3, case.q.shape[0], tail)):
+        backend.prepare(part)
+        parts.append(backend.forward(case.q[lo:hi], case.k[lo:hi], case.v[lo:hi], LAYER, case.scale, part))
+    case.check(torch.cat(parts))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backend_mixed_step_half(dtype: torch.dtype) -> None:
     case = Case(MIXED, 4, 64, dtype, seed=7)
