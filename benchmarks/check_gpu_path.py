@@ -111,6 +111,24 @@ def check_cascade_groups(num_groups: int = 10, seed: int = 0) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def time_layers(fi: FlashInferAttentionBackend, batch: AttentionBatch, q: torch.Tensor, kv_heads: int,
+                layers: int) -> float:
+    """Milliseconds for one step's attention over `layers` layers (planned once, as the worker does): CUDA
+    events, median of 5 after a warm-up. Reads the pool only (q's first heads stand in for the new K/V)."""
+    fi.prepare(batch)
+    scale = q.shape[-1] ** -0.5
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for layer in range(layers):
+            fi.forward(q, q[:, :kv_heads], q[:, :kv_heads], layer, scale, batch, kv_stored=True)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[1:])
+
+
 def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str, float]:
     """One decode step's attention (`layers` layers) over rows sharing a `shared`-token prefix, plain batch
     decode vs cascade: milliseconds (CUDA events, median of 5) and the KV bytes each reads over the H100's
@@ -132,17 +150,7 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str
             torch.arange(rows, device=dev, dtype=torch.int32), table[:, -1].long(), table, tuple(seq),
             (1,) * rows, True, shared_lens)
         fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
-        fi.prepare(batch)
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for layer in range(layers):
-                fi.forward(q, q[:, :hkv], q[:, :hkv], layer, d**-0.5, batch, kv_stored=True)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        res[f"{name}_ms"] = statistics.median(times[1:])
+        res[f"{name}_ms"] = time_layers(fi, batch, q, hkv, layers)
         del fi
     per_token = layers * 2 * hkv * d * 2
     res["plain_floor_ms"] = rows * (shared + own) * per_token / 3.0e9
@@ -176,17 +184,7 @@ def time_mixed(decode_rows: int, context: int, prompt: int, layers: int = 32) ->
     for name, split in (("whole_prefill", False), ("split", True)):
         fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
         fi.split_mixed_steps = split
-        fi.prepare(batch)
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for layer in range(layers):
-                fi.forward(q, q[:, :hkv], q[:, :hkv], layer, d**-0.5, batch, kv_stored=True)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        res[f"{name}_ms"] = statistics.median(times[1:])
+        res[f"{name}_ms"] = time_layers(fi, batch, q, hkv, layers)
         del fi
     res["decode_rows_kv_floor_ms"] = decode_rows * context * layers * 2 * hkv * d * 2 / 3.0e9
     return res
