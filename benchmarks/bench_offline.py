@@ -48,6 +48,8 @@ from radixserve.benchmarks.datasets import (
     random_requests,
     summary,
 )
+from radixserve.benchmarks.gc_pauses import GcPauses
+from radixserve.benchmarks.gc_pauses import summarize as gc_pauses_summary
 from radixserve.benchmarks.step_timer import (
     END,
     LAUNCH,
@@ -284,8 +286,10 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
         window = args.profile_mixed_steps or args.profile_decode_steps
         cfg = StepTimingConfig(out_dir=tmp, profile_steps=window, profile_skip=5, trace_path=trace,
                                profile_mixed=mixed, min_rows=args.profile_min_rows)
+        engine_gc = GcPauses().install()
         with step_timing_env(cfg, Path(tmp)):
             result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
+        engine_gc.uninstall()
         dumps = load_steps(tmp)
     if not dumps:
         raise SystemExit("the worker wrote no step timings (did it exit cleanly?)")
@@ -303,7 +307,21 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
             print("(no device kernels in the trace: a CPU run)")
     steps = steps_between(dump, measured.start_ns, measured.end_ns)
     breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"])
-    return replace(result, step_breakdown=breakdown), {"columns": dump["columns"], "steps": steps}
+    window = (measured.start_ns, measured.end_ns)
+    gc_pauses = {"engine": gc_pauses_summary(engine_gc.records, *window),
+                 "worker": gc_pauses_summary(dump.get("gc_records", []), *window)}
+    report_gc(gc_pauses)
+    return replace(result, step_breakdown=breakdown), {"columns": dump["columns"], "steps": steps,
+                                                       "gc_pauses": gc_pauses}
+
+
+def report_gc(gc_pauses: dict[str, Any]) -> None:
+    """One line per process: full (gen 2) collections, their total and longest pause."""
+    print("\nGarbage-collector pauses in the measured window")
+    for proc, pauses in gc_pauses.items():
+        g2 = pauses["gen2"]
+        print(f"  {proc}: {g2['count']} full collections, {g2['total_ms']:.1f} ms (longest "
+              f"{g2['max_ms']:.1f}); {len(pauses['long_pauses'])} pauses >= 5 ms")
 
 
 def report(result: OfflineResult, device: str) -> None:
@@ -373,7 +391,8 @@ def main(argv: list[str] | None = None) -> OfflineResult:
     body: Any
     if args.step_timing:
         result, timed = run_with_step_timing(args)
-        body = {**asdict(result), "step_columns": timed["columns"], "steps": timed["steps"].tolist()}
+        body = {**asdict(result), "step_columns": timed["columns"], "steps": timed["steps"].tolist(),
+                "gc_pauses": timed["gc_pauses"]}
     else:
         result, _ = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
         body = result

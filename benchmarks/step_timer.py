@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from radixserve.benchmarks.gc_pauses import GcPauses
+
 ENV = "RADIXSERVE_STEP_TIMING"
 
 # Columns of a step record (load_steps' arrays); times in ms: device marks since the clock's base, host marks
@@ -98,6 +100,7 @@ class StepTimer:
         self.profiler: Any = None
         # Steps whose timing the profiler disturbed: [the one it started before, the one it stopped before].
         self.profiled: list[int] = []
+        self.gc_pauses = GcPauses().install()
 
     # -- the three marks -----------------------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class StepTimer:
             "host_base_ns": self.host_base,
             "trace": self.trace_path if self.cfg.profile_steps else None,
             "profiled_steps": self.profiled,
+            "gc_records": self.gc_pauses.records,
         }
         path.write_text(json.dumps(body), encoding="utf-8")
         return path

@@ -417,3 +417,21 @@ def test_bench_scheduler_measures_steady_decode_steps() -> None:
     assert 0 < cost.schedule_ms and 0 < cost.apply_ms
     assert cost.total_ms == pytest.approx(cost.schedule_ms + cost.apply_ms)
     assert cost.us_per_row == pytest.approx(1e3 * cost.total_ms / 24)
+
+
+def test_gc_pauses_recorded_and_counted_in_the_window() -> None:
+    import gc
+
+    from radixserve.benchmarks.gc_pauses import GcPauses, summarize
+
+    pauses = GcPauses().install()
+    try:
+        gc.collect()  # a full collection: one gen-2 record
+    finally:
+        pauses.uninstall()
+    assert [g for g, _, _ in pauses.records] == [2]
+    records = [(2, 1_000_000, 7.0), (0, 2_000_000, 0.5), (2, 3_000_000, 2.0), (2, 9_000_000, 40.0)]
+    got = summarize(records, start_ns=1_000_000, end_ns=5_000_000)  # the last one is outside
+    assert got["gen2"] == {"count": 2, "total_ms": 9.0, "max_ms": 7.0}
+    assert got["gen0"]["count"] == 1 and got["gen1"]["count"] == 0
+    assert got["long_pauses"] == [(2, 0.0, 7.0)]
