@@ -47,7 +47,8 @@ from radixserve.actors.messages import (
 )
 from radixserve.actors.router import Router
 from radixserve.actors.scheduler import Scheduler
-from radixserve.actors.scheduler_core import SchedulerConfig, SchedulerCore
+from radixserve.actors.scheduler_config import SchedulerConfig
+from radixserve.actors.scheduler_core import SchedulerCore
 from radixserve.actors.worker_group import (
     GroupSpec,
     RemoteWorkers,

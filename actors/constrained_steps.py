@@ -20,7 +20,7 @@ from radixserve.actors.request_state import Req
 from radixserve.outputs import FinishReason
 
 if TYPE_CHECKING:
-    from radixserve.actors.scheduler_core import SchedulerConfig
+    from radixserve.actors.scheduler_config import SchedulerConfig
 
 
 def i32(values: list[int]) -> bytes:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from radixserve.actors.messages import StepPlan, StepResult, SubmitRequest
-from radixserve.actors.scheduler_core import SchedulerConfig, SchedulerCore
+from radixserve.actors.scheduler_config import SchedulerConfig
+from radixserve.actors.scheduler_core import SchedulerCore
 from radixserve.benchmarks.common import print_grid, run_info, write_result
 from radixserve.sampling_params import SamplingParams
 

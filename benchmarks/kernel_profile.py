@@ -8,7 +8,8 @@ import torch
 
 from radixserve.actors.gpu_worker import build_runner
 from radixserve.actors.messages import InitWorker, SubmitRequest
-from radixserve.actors.scheduler_core import SchedulerConfig, SchedulerCore
+from radixserve.actors.scheduler_config import SchedulerConfig
+from radixserve.actors.scheduler_core import SchedulerCore
 from radixserve.sampling_params import SamplingParams
 
 

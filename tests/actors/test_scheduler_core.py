@@ -8,7 +8,8 @@ from collections import deque
 import pytest
 
 from radixserve.actors.messages import AbortReason, RequestUpdate, SubmitRequest
-from radixserve.actors.scheduler_core import SchedulerConfig, SchedulerCore
+from radixserve.actors.scheduler_config import SchedulerConfig
+from radixserve.actors.scheduler_core import SchedulerCore
 from radixserve.outputs import FinishReason
 from radixserve.sampling_params import SamplingParams
 from tests.actors.fake_worker import VOCAB, FakeWorker, reference_generate

@@ -21,7 +21,8 @@ import xgrammar as xgr
 
 from radixserve.actors.grammar import GrammarCache
 from radixserve.actors.messages import RequestUpdate, StepPlan, StepResult, SubmitRequest
-from radixserve.actors.scheduler_core import SchedulerConfig, SchedulerCore
+from radixserve.actors.scheduler_config import SchedulerConfig
+from radixserve.actors.scheduler_core import SchedulerCore
 from radixserve.outputs import FinishReason
 from radixserve.sampling_params import SamplingParams
 from tests.actors.fake_worker import VOCAB, FakeWorker, reference_generate
