@@ -300,9 +300,15 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     if profiled and dump.get("trace") and Path(dump["trace"]).exists():
         what = "steps with prompt tokens" if args.profile_mixed_steps else "decode steps"
         print(f"\nKernels of {profiled} {what} of >= {args.profile_min_rows} rows ({dump['trace']})")
-        kernels = gpu_trace.kernel_totals(gpu_trace.load_trace(dump["trace"]))
+        trace = gpu_trace.load_trace(dump["trace"])
+        kernels = gpu_trace.kernel_totals(trace)
         if kernels:
             print_grid(["kernel", "count", "ms"], kernels)
+            stats = gpu_trace.analyze(trace, skip_steps=0)
+            assert stats is not None
+            print(f"window {stats.window_ms:.2f} ms, GPU busy {stats.busy_ms:.2f} ms "
+                  f"(idle {100 * stats.idle_fraction:.1f}%); longest gaps (at ms, ms, the op after):")
+            print_grid(["at ms", "gap ms", "next op"], gpu_trace.largest_gaps(trace))
         else:
             print("(no device kernels in the trace: a CPU run)")
     steps = steps_between(dump, measured.start_ns, measured.end_ns)

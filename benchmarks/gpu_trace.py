@@ -67,6 +67,26 @@ def kernel_totals(trace: dict[str, Any], top: int = 15) -> list[tuple[str, int, 
     return [(name, int(count), total) for name, (count, total) in ranked]
 
 
+def largest_gaps(trace: dict[str, Any], top: int = 8) -> list[tuple[float, float, str]]:
+    """The `top` longest stretches with nothing on the GPU: (ms into the window, gap ms, name of the operation
+    that ends it cut to 60 chars), longest first. Inside a step, a gap before an attention kernel is the GPU
+    waiting for the host (planning); after a device->host copy, for the next step."""
+    events = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name", ""))[:60])
+        for e in trace.get("traceEvents", [])
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES
+    )
+    if not events:
+        return []
+    origin, covered = events[0][0], events[0][1]
+    gaps = []
+    for start, end, name in events[1:]:
+        if start > covered:
+            gaps.append(((covered - origin) / 1e3, (start - covered) / 1e3, name))
+        covered = max(covered, end)
+    return sorted(gaps, key=lambda g: -g[1])[:top]
+
+
 def _is_dtoh(event: dict[str, Any]) -> bool:
     return event.get("cat") == "gpu_memcpy" and "DtoH" in event.get("name", "")
 

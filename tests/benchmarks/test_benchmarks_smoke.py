@@ -189,6 +189,16 @@ def test_trace_analysis_counts_idle_between_steps() -> None:
     assert gpu_trace.analyze({"traceEvents": events[-1:]}) is None
 
 
+def test_largest_gaps_name_the_operation_after_each() -> None:
+    # [0, 10) gemm, [4, 6) overlapping copy, gap 10-15, [15, 20) attention, gap 20-40, [40, 41) norm
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d}
+              for n, t, d in (("gemm", 0, 10), ("attention", 15, 5), ("norm", 40, 1))]
+    events.append({"ph": "X", "cat": "gpu_memcpy", "name": "copy", "ts": 4, "dur": 2})
+    gaps = gpu_trace.largest_gaps({"traceEvents": events})
+    assert gaps == [(0.02, 0.02, "norm"), (0.01, 0.005, "attention")]
+    assert gpu_trace.largest_gaps({"traceEvents": events}, top=1) == [(0.02, 0.02, "norm")]
+
+
 def _steps(spec: list[tuple[int, int]]) -> np.ndarray:
     """step_timer records from (rows, tokens) per step: 1 ms steps, the GPU idle 0.1 ms before each launch."""
     rows = []
