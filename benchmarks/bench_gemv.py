@@ -1,6 +1,6 @@
 """Decode-time linear layers on one GPU, each timed inside a CUDA graph as the decode step runs them.
 
-Llama-3.1-8B's projections at TP1 and TP2, batch M = 1..16: cuBLAS (F.linear) against the Triton skinny GEMM
+Llama-3.1-8B's projections at TP1 and TP2, batch M = 1..128: cuBLAS (F.linear) against the Triton skinny GEMM
 (ops/triton_gemv.py) in every candidate config; bandwidth = (W + x + y) bytes / time.
 
     python -m radixserve.benchmarks.bench_gemv [--peak-gbps 3350] [--out DIR] [--quick]
@@ -30,7 +30,7 @@ from radixserve.benchmarks.common import DEFAULT_RESULT_DIR, print_grid, run_inf
 
 OPS_PER_GRAPH = 50
 MAX_REL_ERR = 1e-2  # against cuBLAS, both bf16 outputs of float32 sums: a bf16 ulp or two
-BATCHES = (1, 2, 4, 8, 16)
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +180,10 @@ def _summary(row: LinearRow) -> list[Any]:
 
 
 def tuned_table(rows: Sequence[LinearRow]) -> dict[tuple[int, int], list[tuple[int, Any]]]:
-    """(N, K) -> [(largest M, best SkinnyConfig), ...]: consecutive batches with one winner merged, the last
-    entry stretched to MAX_M (the best guess for batches between the last measured one and MAX_M)."""
-    from radixserve.ops.triton_gemv import CANDIDATES, MAX_M
+    """(N, K) -> [(largest M, best SkinnyConfig), ...]: consecutive batches with one winner merged; a batch
+    between two measured ones takes the larger one's entry, and none past the largest measured batch has one
+    (faster_than_cublas sends those to cuBLAS)."""
+    from radixserve.ops.triton_gemv import CANDIDATES
 
     by_name = {c.name: c for c in CANDIDATES}
     table: dict[tuple[int, int], list[tuple[int, Any]]] = {}
@@ -194,8 +195,6 @@ def tuned_table(rows: Sequence[LinearRow]) -> dict[tuple[int, int], list[tuple[i
             entries[-1] = (row.m, entries[-1][1])
         else:
             entries.append((row.m, by_name[row.best]))
-    for entries in table.values():
-        entries[-1] = (MAX_M, entries[-1][1])
     return table
 
 

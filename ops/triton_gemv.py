@@ -1,4 +1,4 @@
-"""Skinny GEMM for decode in Triton: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M <= 16.
+"""Skinny GEMM for decode in Triton: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M <= 128.
 
 At decode batch sizes a linear layer is a stream over its weight (2 bytes and at most 2 * M flops per weight),
 so the time to beat is bytes(W) / HBM bandwidth. cuBLAS's GEMV falls short of that on some of Llama's shapes
@@ -18,10 +18,13 @@ Two kernels, picked by SkinnyConfig.tensor_cores:
   - CUDA cores, M == 1 only: acc[BLOCK_N, BLOCK_K] += w * x in float32, reduced over K once after the loop
     (no cross-thread reduction inside it). W goes from shared memory straight into FMAs, with no shuffle into
     an MMA operand layout.
-  - tensor cores, any M <= 16: acc[BLOCK_N, 16] += tl.dot(w, x^T). The batch is padded to 16 with masked
-    rows (no memory traffic), and the padding costs only tensor-core time, which this memory-bound loop
-    leaves idle, so M = 16 runs at the price of M = 1. W is the dot's left operand: BLOCK_N is the MMA's M
-    dimension (BLOCK_N >= 64 with 4 warps gets Hopper's wgmma) and the padded batch its small N dimension.
+  - tensor cores, any M <= 128: acc[BLOCK_N, BLOCK_M] += tl.dot(w, x^T), the batch padded to the next power
+    of two from 16 (BLOCK_M) with masked rows (no memory traffic); the padding costs only tensor-core time,
+    which this memory-bound loop leaves idle at small M, so M = 16 runs at the price of M = 1. W is the dot's
+    left operand: BLOCK_N is the MMA's M dimension (BLOCK_N >= 64 with 4 warps gets Hopper's wgmma) and the
+    padded batch its N dimension. Past M ~ 64 the loop does 2 * M flops per weight byte pair and tensor-core
+    time starts to count (M = 128 at an H100's bandwidth needs ~400 TFLOP/s): whether it still beats cuBLAS
+    there is bench_gemv's to say (batches up to 128), and only measured shapes and batches run here.
     On CUDA cores, M > 1 would need M accumulators of [BLOCK_N, BLOCK_K] (out of registers by M = 4) or a
     cross-thread reduction per chunk and per row; tensor cores avoid both.
 Which of the two wins at M == 1 is for the GPU benchmark (benchmarks/bench_gemv.py) to say; its results fill
@@ -46,7 +49,8 @@ import triton.language as tl
 
 from radixserve.ops.triton_launch import interpreting, pdl_enabled, wait_for_predecessor
 
-MAX_M = 16  # the dot kernel pads the batch to this; larger batches belong to F.linear (a real GEMM)
+MAX_M = 128  # the dot kernel's largest padded batch; larger batches belong to F.linear (a real GEMM)
+SMEM_BYTES = 220 << 10  # what one program's pipelined tiles may take of an H100 SM's 227 KB
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -56,7 +60,7 @@ class SkinnyConfig:
     block_k: int  # weight columns per pipelined chunk
     num_warps: int
     num_stages: int  # chunks in flight: Triton's software pipeline depth over the K loop
-    tensor_cores: bool  # tl.dot with the batch padded to MAX_M; False: CUDA-core FMAs, M == 1 only
+    tensor_cores: bool  # tl.dot with the batch padded to block_m(M); False: CUDA-core FMAs, M == 1 only
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -72,6 +76,16 @@ class SkinnyConfig:
     def name(self) -> str:
         kind = "tc" if self.tensor_cores else "fma"
         return f"{kind}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+    def shared_memory(self, m: int) -> int:
+        """Bytes of 16-bit tiles in flight for a batch of m rows: W's and (tensor cores) x's padded tile."""
+        rows = self.block_n + (block_m(m) if self.tensor_cores else 1)
+        return self.num_stages * rows * self.block_k * 2
+
+
+def block_m(m: int) -> int:
+    """The dot kernel's padded batch for m rows: a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, 1 << (m - 1).bit_length())
 
 
 # What the GPU benchmark sweeps. Bytes in flight per program: (num_stages - 1) * block_n * block_k * 2; an
@@ -96,6 +110,13 @@ CANDIDATES: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(32, 512, 4, 3, tensor_cores=True),
     SkinnyConfig(64, 128, 4, 5, tensor_cores=True),
     SkinnyConfig(64, 256, 4, 3, tensor_cores=True),
+    # tensor cores for M 32-128: more programs (N / block_n) and shallower K chunks, so x's tile and the
+    # [block_n, block_m] float32 accumulator fit
+    SkinnyConfig(16, 128, 4, 4, tensor_cores=True),
+    SkinnyConfig(32, 128, 4, 4, tensor_cores=True),
+    SkinnyConfig(32, 64, 4, 6, tensor_cores=True),
+    SkinnyConfig(64, 64, 4, 4, tensor_cores=True),
+    SkinnyConfig(64, 64, 8, 4, tensor_cores=True),
 )
 
 # Measured best per weight shape: (N, K) -> ((largest M, config), ...) in increasing M, from bench_gemv's
@@ -154,18 +175,22 @@ TUNED: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
 
 
 def candidate_configs(m: int) -> list[SkinnyConfig]:
-    """The CANDIDATES that run a batch of m rows (the CUDA-core kernel takes one row only)."""
-    return [c for c in CANDIDATES if c.tensor_cores or m == 1]
+    """The CANDIDATES that run a batch of m rows: the CUDA-core kernel takes one row only, and a tensor-core
+    config's tiles must fit shared memory at m's padded batch."""
+    return [c for c in CANDIDATES
+            if (c.tensor_cores or m == 1) and c.shared_memory(m) <= SMEM_BYTES]
 
 
 def faster_than_cublas(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether to run y = x @ weight^T here rather than in cuBLAS: CUDA, 16-bit, at most MAX_M rows with unit
     stride in K; one row always (it beat cuBLAS on every Llama-3.1-8B shape, 1.03-1.32x on an H100), more rows
-    where bench_gemv measured the weight's shape (TUNED)."""
+    where bench_gemv measured the weight's shape up to at least that batch (TUNED)."""
+    m = x.shape[0] if x.dim() == 2 else 0
+    tuned = TUNED.get(tuple(weight.shape), ())
     return (
-        x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+        x.is_cuda and 0 < m <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1
-        and (x.shape[0] == 1 or tuple(weight.shape) in TUNED)
+        and (m == 1 or (bool(tuned) and m <= tuned[-1][0]))
     )
 
 
@@ -183,6 +208,8 @@ def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
     del k  # every Llama K is long enough for any block_k here
     if m == 1:
         return SkinnyConfig(8, 512, 4, 4, False) if n <= 8192 else SkinnyConfig(16, 512, 4, 3, False)
+    if m > 16:  # x's padded tile takes shared memory too: shallower K chunks
+        return SkinnyConfig(32, 128, 4, 4, tensor_cores=True)
     return SkinnyConfig(16 if n <= 8192 else 32, 256, 4, 4, tensor_cores=True)
 
 
@@ -232,7 +259,8 @@ def _gemv_fma_kernel(
 
 
 # M only masks rows of x and y: not specializing on it (Triton specializes ints equal to 1 or divisible by 16)
-# keeps one compiled variant for every batch size, so a graph capture of a new batch size compiles nothing.
+# keeps one compiled variant per padded batch (BLOCK_M: 16, 32, 64, 128), so a graph capture of a new batch
+# size within one compiles nothing.
 @triton.jit(do_not_specialize=["M"])
 def _skinny_dot_kernel(
     X, W, Bias, Y,
@@ -344,7 +372,7 @@ def skinny_matmul(
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
-        BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         UPCAST=upcast, PRECISION=precision, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip

@@ -21,6 +21,7 @@ from radixserve.ops import triton_gemv  # noqa: E402
 from radixserve.ops.triton_gemv import (  # noqa: E402
     CANDIDATES,
     MAX_M,
+    SMEM_BYTES,
     SkinnyConfig,
     candidate_configs,
     pick_config,
@@ -61,7 +62,8 @@ def _rel_err(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tens
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (3, 80, 200), (16, 96, 256)])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 48, 64), (3, 80, 200), (16, 96, 256), (40, 48, 96), (100, 40, 64)])
 def test_matches_float32_reference(m: int, n: int, k: int, dtype: torch.dtype, with_bias: bool) -> None:
     # x as a column slice of a wider tensor (strided rows), W as rows of a wider weight (row stride > K)
     x = _randn(m, k + 16, dtype=dtype, seed=1)[:, :k]
@@ -80,7 +82,7 @@ def test_every_candidate_config() -> None:
     n, k = 72, 160  # ragged against every candidate's blocks
     w = _randn(n, k, dtype=torch.bfloat16, seed=4)
     bias = _randn(n, dtype=torch.bfloat16, seed=5)
-    for m in (1, 5):
+    for m in (1, 5, 33):
         x = _randn(m, k, dtype=torch.bfloat16, seed=6)
         for config in candidate_configs(m):
             assert _rel_err(skinny_matmul(x, w, bias, config), x, w, bias) < 1e-2, config.name
@@ -107,7 +109,7 @@ def test_rejects_bad_inputs() -> None:
         skinny_matmul(x[0], w)
     with pytest.raises(ValueError, match="differ in K"):
         skinny_matmul(x[:, :16], w)
-    with pytest.raises(ValueError, match="at most 16 rows"):
+    with pytest.raises(ValueError, match=f"at most {MAX_M} rows"):
         skinny_matmul(_randn(MAX_M + 1, 32, dtype=torch.float32, seed=13), w)
     with pytest.raises(ValueError, match="dtype"):
         skinny_matmul(x, w.to(torch.bfloat16))
@@ -147,3 +149,27 @@ def test_pick_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(triton_gemv.TUNED, (4096, 4096), tuned)
     assert pick_config(1, 4096, 4096) == CUDA_CORES
     assert pick_config(7, 4096, 4096) == TENSOR_CORES
+    for m in (17, 64, 128):  # untuned larger batches: a default whose tiles fit at m's padded batch
+        assert pick_config(m, 28672, 4096).shared_memory(m) <= SMEM_BYTES
+
+
+def test_larger_batches_only_where_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past one row, the kernel replaces cuBLAS only for a shape and batch bench_gemv measured (TUNED up to
+    that batch); the CUDA check comes first, so fake the device with a stand-in tensor type."""
+
+    class FakeCuda(torch.Tensor):
+        is_cuda = True
+
+    w = torch.empty(4096, 4096, dtype=torch.bfloat16)
+
+    def x(m: int) -> torch.Tensor:
+        return torch.empty(m, 4096, dtype=torch.bfloat16).as_subclass(FakeCuda)
+
+    monkeypatch.setitem(triton_gemv.TUNED, (4096, 4096), ((1, CUDA_CORES), (16, TENSOR_CORES)))
+    assert triton_gemv.faster_than_cublas(x(1), w) and triton_gemv.faster_than_cublas(x(16), w)
+    assert not triton_gemv.faster_than_cublas(x(17), w)
+    monkeypatch.setitem(triton_gemv.TUNED, (4096, 4096), ((1, CUDA_CORES), (64, TENSOR_CORES)))
+    assert triton_gemv.faster_than_cublas(x(64), w) and not triton_gemv.faster_than_cublas(x(65), w)
+    assert not triton_gemv.faster_than_cublas(x(MAX_M + 1), w)
+    monkeypatch.delitem(triton_gemv.TUNED, (4096, 4096))
+    assert triton_gemv.faster_than_cublas(x(1), w) and not triton_gemv.faster_than_cublas(x(2), w)
