@@ -242,3 +242,28 @@ def test_overlap_keeps_every_decoding_request_in_every_step() -> None:
         core.apply(inflight.popleft())
     # One prefill step for all 8, then 39 decode steps of all 8 rows (the 40th token comes from step 39).
     assert sizes[0] == 8 and all(n == 8 for n in sizes[1:39]), sizes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_workloads_match_the_reference(seed: int) -> None:
+    """Random arrivals, prompts under a few shared heads, small pools (retraction rounds), chunk budgets and
+    both policies, with and without overlap: every output equals the reference model's, and the fake worker
+    checks each plan's shared_lens against its table."""
+    rng = random.Random(seed)
+    heads = [[rng.randrange(4, VOCAB) for _ in range(rng.randrange(20, 120))] for _ in range(3)]
+    reqs: dict[str, tuple[list[int], int]] = {}
+    arrivals: dict[int, list] = {}
+    for i in range(rng.randrange(16, 40)):
+        head = rng.choice(heads) if rng.random() < 0.7 else []
+        prompt = head + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 60))]
+        reqs[f"r{i}"] = (prompt, rng.randrange(1, 80))
+        arrivals.setdefault(rng.randrange(0, 40), []).append((f"r{i}", prompt, reqs[f"r{i}"][1]))
+    core, worker = make(
+        num_slots=rng.choice([300, 400, 4096]), chunked_prefill_size=rng.choice([16, 48, 256]),
+        overlap=rng.random() < 0.8, schedule_policy=rng.choice(["lpm", "fcfs"]),
+        new_token_ratio=rng.choice([0.0, 0.7]), min_new_token_ratio=0.0,
+    )
+    got = outputs(run(core, worker, arrivals))
+    assert got == {rid: reference_generate(p, n, {STOP}) for rid, (p, n) in reqs.items()}
+    core.check_integrity()
+    assert core.kv.private_slots == 0
