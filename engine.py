@@ -129,10 +129,11 @@ class Engine:
             # A lone request must always fit the pool, so that memory pressure can always be resolved.
             self.context_length = min(context, self.ready.num_slots - 1)
             await self._start_actors(max_rows)
-            # What lives now (modules, tokenizer, configs) lives as long as the engine: out of the cyclic GC's
-            # scans, whose full collections paused offline runs for ~0.3 s each (the worker does the same).
-            gc.collect()
-            gc.freeze()
+            if not cfg.disable_gc_freeze:
+                # What lives now (modules, tokenizer, configs) lives as long as the engine: out of the cyclic
+                # GC's scans, whose full collections paused offline runs for ~0.3 s each (workers do the same).
+                gc.collect()
+                gc.freeze()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for group in self._groups:

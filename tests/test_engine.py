@@ -89,6 +89,19 @@ async def test_startup_objects_are_out_of_the_garbage_collectors_scans(engine: E
     assert gc.get_freeze_count() > 50_000
 
 
+async def test_an_embedding_app_may_keep_its_heap_unfrozen() -> None:
+    gc.unfreeze()  # what the module's engine froze
+    try:
+        async with Engine(None, **SMALL_POOL, disable_gc_freeze=True) as eng:
+            assert gc.get_freeze_count() == 0
+            params = {"max_new_tokens": 2, "ignore_eos": True}
+            out = await eng.generate(input_ids=[1, 2, 3], sampling_params=params)
+            assert len(out.token_ids) == 2
+            await eng.check_integrity()
+    finally:
+        gc.freeze()
+
+
 async def test_prefix_hit_prefills_only_new_tokens(engine: Engine) -> None:
     core = engine.scheduler.core
     prefix = list(range(1000, 1300))  # 300 tokens; the small pool's context is 320
