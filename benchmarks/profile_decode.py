@@ -37,6 +37,7 @@ from radixserve.benchmarks.bench_offline import run_requests
 from radixserve.benchmarks.common import (
     add_engine_args,
     engine_kwargs,
+    print_grid,
     print_table,
     run_info,
     write_result,
@@ -174,11 +175,12 @@ def report(result: ProfileDecodeResult, device: str) -> None:
             ("Trace: idle after DtoH (% of period)", 100 * t.between_step_idle_fraction),
             ("Trace: all GPU idle (% of window)", 100 * t.idle_fraction),
         ]
-    for name, count, ms in result.kernels:
-        print(f"{ms:10.2f} ms {count:6d}x  {name}")
     verdict = "PASS" if result.passed else "FAIL"
     rows.append((f"Idle < {100 * result.max_idle_fraction:.1f}% of step", verdict))
     print_table(f"Decode GPU idle ({device})", rows)
+    if result.kernels:
+        print("\nKernels of the traced steps")
+        print_grid(["kernel", "count", "ms"], result.kernels)
     if not g.full_batch:
         print(f"WARNING: no steady decode step carried all {g.batch_size} requests (mean {g.mean_rows:.1f} "
               "rows): the scheduler split the batch; the numbers above cover every steady decode step")

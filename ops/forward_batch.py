@@ -31,9 +31,9 @@ class AttentionBatch:
     seq_lens_cpu: tuple[int, ...]
     extend_lens_cpu: tuple[int, ...]
     is_decode: bool  # every row has extend_len == 1
-    # The leading decode rows (all rows of a decode step, the first ones of a mixed step): row r's first
-    # shared_lens_cpu[r] KV slots are row r-1's (one cached prefix under both); empty when unknown, else at
-    # most num_leading_decode_rows long. Backends may read a shared prefix once per group (cascade.py).
+    # One per leading decode row (all rows of a decode step, the first ones of a mixed step), or empty when
+    # unknown: row r's first shared_lens_cpu[r] KV slots are row r-1's (one cached prefix under both).
+    # Backends may read a shared prefix once per group (cascade.py).
     shared_lens_cpu: tuple[int, ...] = ()
 
     @property
@@ -58,13 +58,13 @@ class AttentionBatch:
 
     def split_rows(self, d: int) -> tuple[AttentionBatch, AttentionBatch]:
         """(rows [0, d), rows [d, B)) as batches of their own, for d leading decode rows (so the first d
-        tokens are theirs). Views of the device tensors; shared_lens_cpu stays with the head rows."""
+        tokens are theirs). Views of the device tensors; shared_lens_cpu goes with the head rows."""
         assert 0 < d < self.num_rows and d <= self.num_leading_decode_rows
         head = AttentionBatch(
             req_rows=self.req_rows[:d], seq_lens=self.seq_lens[:d], extend_lens=self.extend_lens[:d],
             extend_starts=self.extend_starts[:d], out_slots=self.out_slots[:d],
-            req_to_token=self.req_to_token, seq_lens_cpu=self.seq_lens_cpu[:d], extend_lens_cpu=self.extend_lens_cpu[:d], is_decode=True,
-            shared_lens_cpu=self.shared_lens_cpu[:d],
+            req_to_token=self.req_to_token, seq_lens_cpu=self.seq_lens_cpu[:d],
+            extend_lens_cpu=self.extend_lens_cpu[:d], is_decode=True, shared_lens_cpu=self.shared_lens_cpu,
         )
         tail = AttentionBatch(
             req_rows=self.req_rows[d:], seq_lens=self.seq_lens[d:], extend_lens=self.extend_lens[d:],

@@ -179,8 +179,7 @@ class FlashInferAttentionBackend:
 
     def _prepare_decode(self, batch: AttentionBatch) -> None:
         if batch.shared_lens_cpu and self.cascade_enabled:
-            shared = batch.shared_lens_cpu + (0,) * (batch.num_rows - len(batch.shared_lens_cpu))
-            cascade = plan_cascade(batch.seq_lens_cpu, shared)
+            cascade = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
             if cascade is not None:
                 self._plan_cascade(batch, cascade)
                 return
