@@ -229,6 +229,8 @@ def main() -> None:
     )  # fmt: skip
     add("--quick", action="store_true", help="TP1 shapes at M 1 and 8")
     add("--replays", type=int, default=None, help="graph replays per timing (default 10, with --quick 5)")
+    add("--batches", type=int, nargs="+", default=None, help=f"batch sizes M (default {BATCHES})")
+    add("--tp", type=int, choices=(1, 2), default=None, help="only this TP degree's shapes (default both)")
     args = parser.parse_args()
     if args.replays is None:
         args.replays = 5 if args.quick else 10
@@ -240,8 +242,9 @@ def main() -> None:
     torch.manual_seed(0)
     info = run_info("bench_gemv", args)
 
-    layers = [layer for layer in LAYERS if layer.tp == 1] if args.quick else LAYERS
-    batches = (1, 8) if args.quick else BATCHES
+    tp = 1 if args.quick else args.tp
+    layers = [layer for layer in LAYERS if tp is None or layer.tp == tp]
+    batches = tuple(args.batches or ((1, 8) if args.quick else BATCHES))
     linear = [row for layer in layers for row in bench_layer(layer, batches, args)]
     table = tuned_table(linear)
     result = {

@@ -38,6 +38,7 @@
 #                   decode with PDL off (RADIXSERVE_DISABLE_PDL=1) and on, on card 0
 #   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then
 #                   bench_decode_attention: FlashInfer decode plans, on card 0
+#   gemv_wide       bench_gemv on the TP1 shapes at 64 and 128 rows only, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few
@@ -182,6 +183,8 @@ for stage in "$@"; do
     gemv)
       job 0 gemv_linear $BENCH.bench_gemv
       job 0 gemv_attention $BENCH.bench_decode_attention ;;
+    gemv_wide)  # the TP1 shapes at the offline run's decode batches
+      job 0 gemv_wide $BENCH.bench_gemv --tp 1 --batches 64 128 ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac
