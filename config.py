@@ -11,6 +11,9 @@ from typing import Literal
 
 from radixserve.errors import UnsupportedFeatureError
 
+# The KV pool's element types (ops/kv_dtype.py maps them to torch dtypes): the model's dtype, or FP8.
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3")
+
 SchedulePolicy = Literal["lpm", "fcfs", "priority"]
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -46,7 +49,7 @@ class EngineConfig:
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no one-shot path)
     enable_torch_compile: bool = False
     quantization: str | None = None
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype), fp8_e5m2, fp8_e4m3
     # Parallelism: dp_size replicas (each a scheduler and its own KV pool) of tp_size worker processes each.
     tp_size: int = 1
     dp_size: int = 1
@@ -105,8 +108,9 @@ class EngineConfig:
             self.dist_init_endpoint()  # validates it
         if self.quantization is not None:
             raise UnsupportedFeatureError(f"quantization {self.quantization!r} is not built yet")
-        if self.kv_cache_dtype != "auto":
-            raise UnsupportedFeatureError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not built yet")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.enable_torch_compile:
             raise UnsupportedFeatureError("--enable-torch-compile is not built yet")
         if self.attention_backend not in ("auto", "torch", "flashinfer", "triton"):

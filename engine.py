@@ -121,7 +121,7 @@ class Engine:
                 mem_fraction_static=cfg.mem_fraction_static or 0.85, cpu_kv_gib=cfg.cpu_kv_gib,
                 attention_backend=cfg.attention_backend, random_seed=seed,
                 disable_cuda_graph=cfg.disable_cuda_graph, cuda_graph_max_bs=cfg.cuda_graph_max_bs,
-                load_format=cfg.load_format,
+                load_format=cfg.load_format, kv_cache_dtype=cfg.kv_cache_dtype,
                 # One-shot all-reduce needs peer access to every rank's memory: one host only.
                 disable_custom_all_reduce=cfg.disable_custom_all_reduce or cfg.nnodes > 1,
             ))

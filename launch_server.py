@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import uvicorn
 
-from radixserve.config import EngineConfig
+from radixserve.config import KV_CACHE_DTYPES, EngineConfig
 from radixserve.engine import Engine
 from radixserve.errors import RadixServeError, UnsupportedFeatureError
 from radixserve.server.app import build_app
@@ -95,7 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tensor parallelism on GPUs: NCCL for every all-reduce")
     add("--enable-torch-compile", action="store_true", default=None)
     add("--quantization")
-    add("--kv-cache-dtype")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+        help="the KV pool's element type; FP8 holds twice the tokens (scale 1.0)")
     add("--dtype", help="auto, float32, float16 or bfloat16")
     add("--api-key", help="clients must send `Authorization: Bearer <key>`")
     add("--chat-template", help="a Jinja chat template: a file path or the template itself")

@@ -45,6 +45,7 @@ from radixserve.models.loader import load_model
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend
+from radixserve.ops.kv_dtype import resolve_kv_dtype
 from radixserve.ops.parallel import TPGroup
 from radixserve.ops.sampler import Sampler
 from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
@@ -106,13 +107,14 @@ def build_runner(init: InitWorker) -> tuple[ModelRunner, WorkerReady]:
         init.model_path, dtype=dtype, device=device, tp=tp, load_format=init.load_format
     )
     kv_heads = local_kv_heads(model)
-    bytes_per_slot = KVCache.bytes_per_slot(config.num_layers, kv_heads, config.head_dim, dtype)
+    kv_dtype = resolve_kv_dtype(init.kv_cache_dtype, dtype)
+    bytes_per_slot = KVCache.bytes_per_slot(config.num_layers, kv_heads, config.head_dim, kv_dtype)
     num_slots = kv_pool_slots(init, bytes_per_slot, device)
-    kv = KVCache(config.num_layers, num_slots, kv_heads, config.head_dim, dtype, device)
+    kv = KVCache(config.num_layers, num_slots, kv_heads, config.head_dim, kv_dtype, device)
     # One extra, never-written row: CUDA-graph padding rows read it (all slot 0).
     table = ReqToTokenTable(init.max_rows + 1, init.context_length + 1, device)
     sampler = Sampler(config.vocab_size, config.eos_token_ids, device)
-    backend = make_attention_backend(init.attention_backend, kv, model, device)
+    backend = make_attention_backend(init.attention_backend, kv, model, device, dtype)
     graphs = None
     if device.type == "cuda" and not init.disable_cuda_graph:
         if not isinstance(backend, FlashInferAttentionBackend):
@@ -165,7 +167,10 @@ class TokenAgreementCheck:
         return pending
 
 
-def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, device: torch.device) -> AttentionBackend:
+def make_attention_backend(
+    name: str, kv: KVCache, model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+) -> AttentionBackend:
+    """The attention backend `name` over the pool `kv`, for queries of the model's `dtype`."""
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
     attn = model.model.layers[0].self_attn  # per-rank head counts and the softmax scale
@@ -177,7 +182,8 @@ def make_attention_backend(name: str, kv: KVCache, model: torch.nn.Module, devic
             raise UnsupportedFeatureError("the flashinfer backend needs CUDA; use --attention-backend torch")
         try:
             return FlashInferAttentionBackend(
-                kv.k_buffers, kv.v_buffers, num_q_heads, kv.k_buffers[0].shape[1], attn.head_dim, attn.scale
+                kv.k_buffers, kv.v_buffers, num_q_heads, kv.k_buffers[0].shape[1], attn.head_dim, attn.scale,
+                dtype=dtype,
             )
         except ImportError as e:
             raise UnsupportedFeatureError(f"flashinfer is not installed ({e}); pip install flashinfer-python") from e

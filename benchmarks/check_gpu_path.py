@@ -21,17 +21,21 @@ from radixserve.engine import Engine
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.kv_dtype import to_kv
 
 
-def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) -> float:
-    """Relative error of FlashInfer against the torch backend in float32; with `shared`, every row's first
-    `shared` slots are the same (one cached prefix) and the leading decode rows must run as cascade attention
-    (in a mixed step, apart from the prompt rows)."""
+def check_backend(
+    extend_lens: list[int], seq_lens: list[int], shared: int = 0, kv_dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """Relative error of FlashInfer against the torch backend in float32 over the same pool contents; with
+    `shared`, every row's first `shared` slots are the same (one cached prefix) and the leading decode rows
+    must run as cascade attention (in a mixed step, apart from the prompt rows). An FP8 `kv_dtype`: the
+    new K/V must be stored as to_kv rounds them."""
     torch.manual_seed(0)
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     slots = sum(seq_lens) - shared * (len(seq_lens) - 1) + 1
-    k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
-    v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype)]
     table = torch.zeros(len(seq_lens), 4096, dtype=torch.int32, device=dev)
     perm = torch.randperm(slots - 1, device=dev) + 1
     table[:, :shared] = perm[:shared].to(torch.int32)
@@ -55,14 +59,20 @@ def check_backend(extend_lens: list[int], seq_lens: list[int], shared: int = 0) 
     q = torch.randn(t, hq, d, device=dev, dtype=dt)
     k = torch.randn(t, hkv, d, device=dev, dtype=dt)
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
-    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
+    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     split = decode_rows if 0 < decode_rows < len(seq_lens) else 0
     assert fi.split_decode_rows == split, "a mixed step's decode rows must run apart"
     out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
-    ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])
-    ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch)
+    # within one FP8 step of torch's rounding (exact for bf16)
+    fp8 = kv_dtype.itemsize == 1
+    rtol, atol = (2 * torch.finfo(kv_dtype).eps, torch.finfo(kv_dtype).smallest_normal) if fp8 else (0, 0)
+    for buf, new in ((k_bufs[0], k), (v_bufs[0], v)):
+        torch.testing.assert_close(buf[out_slots].float(), to_kv(new, kv_dtype).float(), rtol=rtol, atol=atol)
+    ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])  # what the pool holds, new tokens included
+    ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch,
+                                                   kv_stored=True)
     return float((out - ref).norm() / ref.norm())
 
 
@@ -127,6 +137,26 @@ def time_layers(fi: FlashInferAttentionBackend, batch: AttentionBatch, q: torch.
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times[1:])
+
+
+def time_decode(rows: int, context: int, kv_dtype: torch.dtype, layers: int = 32) -> dict[str, float]:
+    """One decode step's attention (`layers` layers) over `rows` rows of `context` tokens each in a pool of
+    `kv_dtype`: milliseconds (CUDA events, median of 5) and the KV bytes over the H100's copy rate."""
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
+    slots = rows * context + 1
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
+    table = (1 + torch.randperm(rows * context, device=dev)).view(rows, context).to(torch.int32)
+    seq = [context] * rows
+    batch = AttentionBatch(
+        torch.arange(rows, device=dev), torch.tensor(seq, device=dev, dtype=torch.int32),
+        torch.ones(rows, device=dev, dtype=torch.int32), torch.arange(rows, device=dev, dtype=torch.int32),
+        table[:, -1].long(), table, tuple(seq), (1,) * rows, True)
+    q = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt)
+    ms = time_layers(fi, batch, q, hkv, layers)
+    floor = rows * context * layers * 2 * hkv * d * k_bufs[0].element_size() / 3.0e9
+    return {"ms": ms, "kv_floor_ms": floor}
 
 
 def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str, float]:
@@ -245,6 +275,15 @@ async def main(args: argparse.Namespace) -> None:
     res["backend_mixed_rel_err"] = check_backend([1, 1, 1, 1, 300, 5], [17, 300, 2048, 1000, 1300, 5])
     res["backend_mixed_cascade_rel_err"] = check_backend(
         [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048)
+    for name, kv_dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        res[f"{name}_decode_rel_err"] = check_backend([1, 1, 1, 1], [1, 17, 300, 2048], kv_dtype=kv_dtype)
+        res[f"{name}_extend_rel_err"] = check_backend([5, 300, 1, 64], [5, 1000, 77, 64], kv_dtype=kv_dtype)
+        res[f"{name}_mixed_cascade_rel_err"] = check_backend(
+            [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048,
+            kv_dtype=kv_dtype)
+    print(res, flush=True)
+    for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
+        res[f"decode_128x2700_attention_32_layers_{name}"] = time_decode(128, 2700, kv_dtype)
     print(res, flush=True)
     res["cascade_attention_32_layers"] = time_cascade(rows=1024, shared=2048, own=256)
     res["mixed_step_attention_32_layers"] = time_mixed(decode_rows=150, context=2700, prompt=4000)

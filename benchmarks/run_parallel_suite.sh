@@ -25,6 +25,7 @@
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
 #                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
+#   offline_fp8     offline_steps with an FP8 (e4m3) KV cache, on card 0
 #   mixed_split     offline_steps with a mixed step's rows all in batch prefill (RADIXSERVE_DISABLE_MIXED_SPLIT=1),
 #                   then with its decode rows apart (the default), on card 0
 #   decode_profile  decode steps of 128 rows at 2.7k tokens of context (the offline run's typical step): step
@@ -143,6 +144,8 @@ for stage in "$@"; do
       offline 0 llama_offline "$LLAMA" ;;
     offline_steps)
       offline 0 llama_offline_steps "$LLAMA" --step-timing ;;
+    offline_fp8)
+      offline 0 llama_offline_fp8 "$LLAMA" --step-timing --kv-cache-dtype fp8_e4m3 ;;
     mixed_split)
       RADIXSERVE_DISABLE_MIXED_SPLIT=1 offline 0 llama_offline_nosplit "$LLAMA" --step-timing
       offline 0 llama_offline_split "$LLAMA" --step-timing ;;

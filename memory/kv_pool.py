@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from radixserve.ops.kv_dtype import to_kv
+
 
 class SlotAllocator:
     """Free list of KV slot ids 1..num_slots-1.
@@ -86,9 +88,10 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v ([T, kv_heads, head_dim]) into `slots` ([T] int64) of one layer."""
-        self.k_buffers[layer_id][slots] = k.to(self.k_buffers[layer_id].dtype)
-        self.v_buffers[layer_id][slots] = v.to(self.v_buffers[layer_id].dtype)
+        """Write k, v ([T, kv_heads, head_dim]) into `slots` ([T] int64) of one layer (saturating into
+        FP8)."""
+        self.k_buffers[layer_id][slots] = to_kv(k, self.k_buffers[layer_id].dtype)
+        self.v_buffers[layer_id][slots] = to_kv(v, self.v_buffers[layer_id].dtype)
 
 
 class ReqToTokenTable:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.ops.kv_dtype import saturation
 from radixserve.ops.triton_launch import pdl_enabled, wait_for_predecessor
 
 
@@ -136,12 +137,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def cast_to_kv(x, Buf, SAT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """x in the KV buffer's element type; SAT > 0 (an FP8 pool: ops/kv_dtype.saturation) clamps to +-SAT
+    first, so that out-of-range values saturate on every path (the torch store does the same)."""
+    if SAT > 0:
+        x = tl.clamp(x.to(tl.float32), -SAT, SAT)
+    return x.to(Buf.dtype.element_ty)
+
+
+@triton.jit
 def _store_kv_kernel(
     K, V, KBuf, VBuf, Slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kbs, stride_kbh, stride_vbs, stride_vbh,
     num_heads, head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SAT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -151,9 +161,9 @@ def _store_kv_kernel(
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < num_heads) & (d < head_dim)
     k = tl.load(K + t * stride_kt + h * stride_kh + d, mask=mask)
-    tl.store(KBuf + slot * stride_kbs + h * stride_kbh + d, k.to(KBuf.dtype.element_ty), mask=mask)
+    tl.store(KBuf + slot * stride_kbs + h * stride_kbh + d, cast_to_kv(k, KBuf, SAT), mask=mask)
     v = tl.load(V + t * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(VBuf + slot * stride_vbs + h * stride_vbh + d, v.to(VBuf.dtype.element_ty), mask=mask)
+    tl.store(VBuf + slot * stride_vbs + h * stride_vbh + d, cast_to_kv(v, VBuf, SAT), mask=mask)
 
 
 def store_kv(
@@ -163,7 +173,8 @@ def store_kv(
     v_buf: torch.Tensor,  # [num_slots, kv_heads, head_dim]
     slots: torch.Tensor,  # [T] int32 or int64
 ) -> None:
-    """k_buf[slots] = k; v_buf[slots] = v (cast to the buffers' dtype). Mutates the two buffers only."""
+    """k_buf[slots] = k; v_buf[slots] = v (cast to the buffers' dtype, saturating into FP8: ops/kv_dtype.py).
+    Mutates the two buffers only."""
     if k.dim() != 3 or v.shape != k.shape or k_buf.shape != v_buf.shape or k_buf.shape[1:] != k.shape[1:]:
         raise ValueError(
             f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit the KV buffers "
@@ -185,6 +196,7 @@ def store_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         num_heads, head_dim,
-        BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=_num_warps(block_h * block_d),
+        BLOCK_H=block_h, BLOCK_D=block_d, SAT=saturation(k_buf.dtype), PDL=pdl,
+        num_warps=_num_warps(block_h * block_d),
         launch_pdl=pdl,
     )  # fmt: skip

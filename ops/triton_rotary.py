@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from radixserve.ops.forward_batch import KVStore
+from radixserve.ops.kv_dtype import saturation
+from radixserve.ops.triton_fused import cast_to_kv
 from radixserve.ops.triton_launch import pdl_enabled, wait_for_predecessor
 
 
@@ -22,7 +24,7 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kbs, stride_kbh, stride_vbs, stride_vbh,
     n_q_heads, n_kv_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr, PDL: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr, SAT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -50,12 +52,12 @@ def _rope_kernel(
     if STORE_KV:
         slot = tl.load(Slots + t).to(tl.int64)  # int64: slot * stride passes 2**31 in large pools
         kb = KBuf + slot * stride_kbs + h * stride_kbh + d[None, :]
-        tl.store(kb, k1.to(KBuf.dtype.element_ty), mask=mk)
-        tl.store(kb + HALF, k2.to(KBuf.dtype.element_ty), mask=mk)
+        tl.store(kb, cast_to_kv(k1, KBuf, SAT), mask=mk)
+        tl.store(kb + HALF, cast_to_kv(k2, KBuf, SAT), mask=mk)
         vp = V + t * stride_vt + h * stride_vh + d[None, :]
         vb = VBuf + slot * stride_vbs + h * stride_vbh + d[None, :]
-        tl.store(vb, tl.load(vp, mask=mk).to(VBuf.dtype.element_ty), mask=mk)
-        tl.store(vb + HALF, tl.load(vp + HALF, mask=mk).to(VBuf.dtype.element_ty), mask=mk)
+        tl.store(vb, cast_to_kv(tl.load(vp, mask=mk), VBuf, SAT), mask=mk)
+        tl.store(vb + HALF, cast_to_kv(tl.load(vp + HALF, mask=mk), VBuf, SAT), mask=mk)
 
 
 def supported(head_dim: int) -> bool:
@@ -105,6 +107,7 @@ def apply_rotary_inplace(
         q, k, v_arg, cos_sin_cache, positions, k_buf_arg, v_buf_arg, slots_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), svt, svh, cos_sin_cache.stride(0),
         skbs, skbh, svbs, svbh,
-        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, STORE_KV=kv_store is not None, PDL=pdl, num_warps=4,
+        n_q, n_kv, HALF=head_dim // 2, BLOCK_H=block_h, STORE_KV=kv_store is not None,
+        SAT=saturation(kv_store.k_buffer.dtype) if kv_store is not None else 0.0, PDL=pdl, num_warps=4,
         launch_pdl=pdl,
     )  # fmt: skip

@@ -102,6 +102,29 @@ async def test_an_embedding_app_may_keep_its_heap_unfrozen() -> None:
         gc.freeze()
 
 
+async def test_fp8_kv_cache_holds_four_times_the_tokens(smollm_hf_model, smollm_tokenizer) -> None:
+    """--kv-cache-dtype fp8_e4m3: one byte a K/V element instead of float32's four in the same memory. The
+    FP8 rounding moves logits a little, so greedy text may part from transformers' at near ties: every token
+    we pick must be among transformers' two likeliest after the same prefix."""
+    gib = 0.05
+    per_slot_fp32 = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers x 3 KV heads x 64, float32
+    async with Engine(None, kv_cache_dtype="fp8_e4m3", cpu_kv_gib=gib, chunked_prefill_size=64) as eng:
+        assert eng.ready is not None
+        assert eng.ready.num_slots == int(gib * (1 << 30) // (per_slot_fp32 // 4))
+        assert eng.ready.kv_bytes == eng.ready.num_slots * per_slot_fp32 // 4
+        out = await eng.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                 sampling_params={"temperature": 0, "max_new_tokens": 32})
+        assert "Paris" in out.text
+        prompts = [smollm_tokenizer.encode(p) for p in PROMPTS[1:6]]
+        got = await staggered_greedy(eng, prompts, 24)
+        for prompt, ours in zip(prompts, got, strict=True):
+            with torch.no_grad():
+                logits = smollm_hf_model(torch.tensor([prompt + ours])).logits[0, len(prompt) - 1 : -1]
+            top2 = logits.topk(2, dim=-1).indices
+            assert all(tok in top2[i] for i, tok in enumerate(ours)), (ours, top2.tolist())
+        await eng.check_integrity()
+
+
 async def test_prefix_hit_prefills_only_new_tokens(engine: Engine) -> None:
     core = engine.scheduler.core
     prefix = list(range(1000, 1300))  # 300 tokens; the small pool's context is 320

@@ -27,6 +27,7 @@ import torch
 
 from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
+from radixserve.ops.kv_dtype import FP8_DTYPES
 
 WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
@@ -82,6 +83,7 @@ class FlashInferAttentionBackend:
         num_kv_heads: int,
         head_dim: int,
         scale: float,
+        dtype: torch.dtype | None = None,  # queries and outputs; None: the pool's (which must not be FP8)
     ) -> None:
         import flashinfer
 
@@ -90,10 +92,17 @@ class FlashInferAttentionBackend:
         self.v_buffers = v_buffers
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.scale = scale
-        self.dtype = k_buffers[0].dtype
+        self.kv_dtype = k_buffers[0].dtype  # the model's dtype, or FP8 (ops/kv_dtype.py)
+        self.dtype = dtype or self.kv_dtype
+        if self.dtype in FP8_DTYPES:
+            raise ValueError("an FP8 KV pool needs the queries' dtype (bfloat16 or float16)")
         self.device = k_buffers[0].device
+        # FlashInfer's SM90 prefill (FA3, what "auto" picks on an H100) takes no FP8 pages under 16-bit
+        # queries; FA2 widens FP8 tiles as it loads them.
+        prefill_backend = "fa2" if self.kv_dtype in FP8_DTYPES else "auto"
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True)
         # Cascade decode (ops/attention/cascade.py): level 0 on a prefill wrapper of its own (sharing the
@@ -108,7 +117,8 @@ class FlashInferAttentionBackend:
         self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.suffix_workspace, "NHD", use_tensor_cores=True)
         self.extend_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.extend_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.extend_workspace, "NHD")
+        self.extend_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.extend_workspace, "NHD", backend=prefill_backend)
         self._wrapper: Any = None  # the decode rows' wrapper, or the whole step's
         self._cascade = False  # the decode rows run as cascade (prefix_prefill + suffix_decode)
         self._split = 0  # a mixed step's decode rows (they run apart from its prompt rows); 0: not split
@@ -154,7 +164,7 @@ class FlashInferAttentionBackend:
         wrapper.plan(
             kv_indptr_host(batch.seq_lens_cpu), indices, torch.ones(batch.num_rows, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
-            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
+            q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale,
         )
         self._wrapper = wrapper
 
@@ -192,7 +202,7 @@ class FlashInferAttentionBackend:
             kv_indptr_host(batch.extend_lens_cpu), kv_indptr_host(batch.seq_lens_cpu), indices,
             torch.ones(batch.num_rows, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.scale,
-            q_data_type=self.dtype, kv_data_type=self.dtype,
+            q_data_type=self.dtype, kv_data_type=self.kv_dtype,
         )
 
     def _plan_cascade(self, batch: AttentionBatch, plan: CascadePlan) -> None:
@@ -208,12 +218,12 @@ class FlashInferAttentionBackend:
             torch.tensor(plan.group_starts, dtype=torch.int32), kv_indptr_host(plan.prefix_lens),
             prefix_indices.to(torch.int32), torch.ones(G, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=False, sm_scale=self.scale,
-            q_data_type=self.dtype, kv_data_type=self.dtype,
+            q_data_type=self.dtype, kv_data_type=self.kv_dtype,
         )
         self.suffix_decode.plan(
             kv_indptr_host(suffix_lens), suffix_indices.to(torch.int32), torch.ones(B, dtype=torch.int32),
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
-            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
+            q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale,
         )
         self._cascade = True
         self.num_cascade_steps += 1

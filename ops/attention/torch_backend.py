@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
+from radixserve.ops.kv_dtype import to_kv
 
 
 class TorchAttentionBackend:
@@ -58,8 +59,8 @@ class TorchAttentionBackend:
             k_buf.shape,
         )
         if not kv_stored:
-            k_buf[batch.out_slots] = k.to(k_buf.dtype)
-            v_buf[batch.out_slots] = v.to(v_buf.dtype)
+            k_buf[batch.out_slots] = to_kv(k, k_buf.dtype)
+            v_buf[batch.out_slots] = to_kv(v, v_buf.dtype)
 
         max_len = max(batch.seq_lens_cpu, default=0)
         tables = batch.req_to_token[:, :max_len].index_select(0, batch.req_rows)  # [B, max_len] slot ids

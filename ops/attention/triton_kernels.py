@@ -82,9 +82,9 @@ def _decode_split_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
@@ -172,9 +172,9 @@ def _extend_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))

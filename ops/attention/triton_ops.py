@@ -15,6 +15,7 @@ from radixserve.ops.attention.triton_kernels import (
     _decode_split_kernel,
     _extend_kernel,
 )
+from radixserve.ops.kv_dtype import FP8_DTYPES
 from radixserve.ops.triton_launch import interpreting
 
 
@@ -39,7 +40,7 @@ def decode_workspace(
 
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, PRECISION) of the kernels for this K/V dtype.
+    """(UPCAST, PRECISION) of the kernels for this query dtype (K/V tiles are widened to it).
 
     The interpreter keeps bf16 as raw uint16 and its tl.dot would multiply the bit patterns, so there bf16
     tiles are upcast to fp32 first; compiled kernels keep 16-bit tiles for the tensor cores. fp32 uses exact
@@ -67,8 +68,9 @@ def _check_pool(
             f"q {tuple(q.shape)} does not fit the KV buffers {tuple(k_buf.shape)}: same head_dim, "
             "and q heads a multiple of kv heads"
         )
-    if not (q.dtype == k_buf.dtype == v_buf.dtype):
-        raise ValueError(f"q, k_buf, v_buf dtypes differ: {q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
+    if k_buf.dtype != v_buf.dtype or (k_buf.dtype != q.dtype and k_buf.dtype not in FP8_DTYPES):
+        raise ValueError(f"q, k_buf, v_buf dtypes do not fit (the pool: q's dtype or FP8): "
+                         f"{q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
     if q.stride(-1) != 1 or k_buf.stride(-1) != 1 or v_buf.stride(-1) != 1:
         raise ValueError("q and the KV buffers need unit stride in head_dim")
     if req_to_token.dim() != 2 or req_to_token.dtype != torch.int32 or req_to_token.stride(1) != 1:
@@ -133,7 +135,7 @@ def decode_attention(
 
     heads, head_programs = decode_head_groups(num_q_heads, k_buf.shape[1])
     block_d = triton.next_power_of_2(head_dim)
-    upcast, precision = _dot_mode(k_buf.dtype)
+    upcast, precision = _dot_mode(q.dtype)
     _decode_split_kernel[(num_rows, head_programs, num_splits)](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, mid_o, mid_lse,
         scale * LOG2E,
@@ -190,7 +192,7 @@ def extend_attention(
     block_d = triton.next_power_of_2(head_dim)
     if block_d > 128:  # keep the [BLOCK_M, d] and [BLOCK_N, d] tiles within registers / shared memory
         block_m, block_n = min(block_m, 32), min(block_n, 32)
-    upcast, precision = _dot_mode(k_buf.dtype)
+    upcast, precision = _dot_mode(q.dtype)
     _extend_kernel[(num_rows, num_q_heads, triton.cdiv(max_extend_len, block_m))](
         q, k_buf, v_buf, out, req_to_token, req_rows, seq_lens, extend_lens, extend_starts,
         scale * LOG2E,

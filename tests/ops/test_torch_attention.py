@@ -8,6 +8,7 @@ import torch
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.kv_dtype import to_kv
 
 Q_HEADS, KV_HEADS, HEAD_DIM, NUM_SLOTS, NUM_LAYERS = 8, 2, 16, 301, 2
 
@@ -25,12 +26,17 @@ def _reference(
     return torch.einsum("hes,shd->ehd", scores.softmax(-1), v)
 
 
-def _run(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0, split: int = 0) -> None:
+def _run(
+    rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0, split: int = 0,
+    kv_dtype: torch.dtype | None = None,
+) -> None:
     """rows: (prefix_len, extend_len) per row. Prefix K/V are put in the pool first, at scattered slots.
     split > 0: the batch's first `split` (decode) rows and the rest attend as two batches (split_rows), the way
-    the FlashInfer backend runs a mixed step."""
+    the FlashInfer backend runs a mixed step. kv_dtype: the pool's (default: dtype); the reference attends
+    over K/V as the pool holds them."""
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(NUM_LAYERS, NUM_SLOTS, KV_HEADS, HEAD_DIM, dtype, "cpu")
+    kv_dtype = kv_dtype or dtype
+    cache = KVCache(NUM_LAYERS, NUM_SLOTS, KV_HEADS, HEAD_DIM, kv_dtype, "cpu")
     table = ReqToTokenTable(max_rows=len(rows) + 3, max_context=64, device="cpu")
     free_slots = (torch.randperm(NUM_SLOTS - 1, generator=g) + 1).tolist()  # slot 0 is padding
     req_rows = torch.randperm(table.max_rows, generator=g)[: len(rows)]
@@ -77,13 +83,15 @@ def _run(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0, split: 
         out = backend.forward(q, k, v, layer, scale, batch)
 
     assert out.shape == q.shape and out.dtype == dtype
-    assert torch.equal(cache.k_buffers[layer][batch.out_slots], k)
-    assert torch.equal(cache.v_buffers[layer][batch.out_slots], v)
-    assert torch.equal(cache.k_buffers[0], other_layer_before)
+    stored = (cache.k_buffers[layer][batch.out_slots], cache.v_buffers[layer][batch.out_slots])
+    assert torch.equal(stored[0].float(), to_kv(k, kv_dtype).float())
+    assert torch.equal(stored[1].float(), to_kv(v, kv_dtype).float())
+    assert torch.equal(cache.k_buffers[0].float(), other_layer_before.float())
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for r, (prefix_len, extend_len) in enumerate(rows):
         start = int(starts[r])
-        expected = _reference(q[start : start + extend_len], seqs_k[r], seqs_v[r], prefix_len, scale)
+        k_held, v_held = (to_kv(t, kv_dtype).to(dtype) for t in (seqs_k[r], seqs_v[r]))
+        expected = _reference(q[start : start + extend_len], k_held, v_held, prefix_len, scale)
         torch.testing.assert_close(out[start : start + extend_len].double(), expected, atol=tol, rtol=tol)
 
 
@@ -93,6 +101,21 @@ MIXED = [(0, 7), (5, 1), (13, 4), (20, 1), (0, 1), (9, 9)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_extend_and_decode_rows(dtype: torch.dtype) -> None:
     _run(MIXED, dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_pool(dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    _run(MIXED, dtype, seed=5, kv_dtype=kv_dtype)
+    _run([(5, 1), (20, 1), (13, 4), (0, 7)], dtype, seed=6, split=2, kv_dtype=kv_dtype)
+
+
+def test_fp8_store_saturates() -> None:
+    """Past the largest finite value (e4m3: 448, e5m2: 57344) the pool stores that value, never inf or NaN."""
+    x = torch.tensor([[[1000.0, -1000.0, 3.0, float(2**20)]]])
+    assert torch.isinf(x.to(torch.float8_e5m2).float()).any()
+    assert to_kv(x, torch.float8_e4m3fn).float().flatten().tolist() == [448.0, -448.0, 3.0, 448.0]
+    assert to_kv(x, torch.float8_e5m2).float().flatten().tolist() == [1024.0, -1024.0, 3.0, 57344.0]
 
 
 def test_all_decode_rows() -> None:

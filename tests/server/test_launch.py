@@ -54,6 +54,8 @@ def test_flags_map_onto_engine_config() -> None:
             "cpu",
             "--mem-fraction-static",
             "0.5",
+            "--kv-cache-dtype",
+            "fp8_e5m2",
         ]
     )
     cfg = engine_config(args)
@@ -62,7 +64,7 @@ def test_flags_map_onto_engine_config() -> None:
     assert (cfg.chunked_prefill_size, cfg.max_prefill_tokens, cfg.max_total_tokens) == (256, 512, 4096)
     assert cfg.schedule_policy == "fcfs" and cfg.disable_radix_cache and cfg.disable_cuda_graph
     assert (cfg.cuda_graph_max_bs, cfg.dtype, cfg.random_seed, cfg.device) == (8, "float32", 5, "cpu")
-    assert cfg.log_requests and cfg.mem_fraction_static == 0.5
+    assert cfg.log_requests and cfg.mem_fraction_static == 0.5 and cfg.kv_cache_dtype == "fp8_e5m2"
     defaults = parse_args([])
     assert (defaults.host, defaults.port) == ("127.0.0.1", 30000)
     assert engine_config(defaults).model_path is None  # the default model
@@ -92,7 +94,8 @@ def test_unbuilt_feature_exits_2_with_its_message(monkeypatch: pytest.MonkeyPatc
 
 
 def test_bad_flags_exit_2_without_a_traceback() -> None:
-    for flags in (["--dtype", "int3"], ["--quantization", "no-such-method"], ["--no-such-flag"]):
+    for flags in (["--dtype", "int3"], ["--quantization", "no-such-method"], ["--no-such-flag"],
+                  ["--kv-cache-dtype", "int4"]):
         proc = subprocess.run(
             [sys.executable, "-m", "radixserve.launch_server", *flags],
             capture_output=True,
@@ -101,3 +104,11 @@ def test_bad_flags_exit_2_without_a_traceback() -> None:
         )
         assert proc.returncode == 2, (flags, proc.stderr)
         assert flags[0][2:] in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_config_names_a_bad_kv_cache_dtype() -> None:
+    from radixserve.config import EngineConfig
+
+    message = "kv_cache_dtype must be one of auto, fp8_e5m2, fp8_e4m3; got 'int8'"
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(kv_cache_dtype="int8")
