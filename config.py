@@ -45,7 +45,7 @@ class EngineConfig:
     # GPU path.
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, torch on the CPU
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int = 256  # SGLang's H100 default; larger decode steps run eagerly
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no one-shot path)
     enable_torch_compile: bool = False
     quantization: str | None = None

@@ -172,7 +172,7 @@ class InitWorker(_Msg):
     attention_backend: str
     random_seed: int | None = None
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int = 256
     load_format: str = "auto"
     disable_custom_all_reduce: bool = False
     kv_cache_dtype: str = "auto"  # the KV pool's: auto (the model's dtype), fp8_e5m2 or fp8_e4m3
