@@ -20,12 +20,13 @@ import torch
 from radixserve.engine import Engine
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
-from radixserve.ops.forward_batch import AttentionBatch
+from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch
 from radixserve.ops.kv_dtype import to_kv
 
 
 def check_backend(
-    extend_lens: list[int], seq_lens: list[int], shared: int = 0, kv_dtype: torch.dtype = torch.bfloat16
+    extend_lens: list[int], seq_lens: list[int], shared: int = 0, kv_dtype: torch.dtype = torch.bfloat16,
+    decode_tensor_cores: bool = True,
 ) -> float:
     """Relative error of FlashInfer against the torch backend in float32 over the same pool contents; with
     `shared`, every row's first `shared` slots are the same (one cached prefix) and the leading decode rows
@@ -59,7 +60,8 @@ def check_backend(
     q = torch.randn(t, hq, d, device=dev, dtype=dt)
     k = torch.randn(t, hkv, d, device=dev, dtype=dt)
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
-    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt)
+    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
+                                    decode_tensor_cores=decode_tensor_cores)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     split = decode_rows if 0 < decode_rows < len(seq_lens) else 0
@@ -121,7 +123,7 @@ def check_cascade_groups(num_groups: int = 10, seed: int = 0) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def time_layers(fi: FlashInferAttentionBackend, batch: AttentionBatch, q: torch.Tensor, kv_heads: int,
+def time_layers(fi: AttentionBackend, batch: AttentionBatch, q: torch.Tensor, kv_heads: int,
                 layers: int) -> float:
     """Milliseconds for one step's attention over `layers` layers (planned once, as the worker does): CUDA
     events, median of 5 after a warm-up. Reads the pool only (q's first heads stand in for the new K/V)."""
@@ -141,7 +143,8 @@ def time_layers(fi: FlashInferAttentionBackend, batch: AttentionBatch, q: torch.
 
 def time_decode(rows: int, context: int, kv_dtype: torch.dtype, layers: int = 32) -> dict[str, float]:
     """One decode step's attention (`layers` layers) over `rows` rows of `context` tokens each in a pool of
-    `kv_dtype`: milliseconds (CUDA events, median of 5) and the KV bytes over the H100's copy rate."""
+    `kv_dtype`, on FlashInfer's tensor-core and CUDA-core decode kernels: milliseconds (CUDA events, median
+    of 5) and the KV bytes over the H100's copy rate."""
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     slots = rows * context + 1
     k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
@@ -153,10 +156,17 @@ def time_decode(rows: int, context: int, kv_dtype: torch.dtype, layers: int = 32
         torch.ones(rows, device=dev, dtype=torch.int32), torch.arange(rows, device=dev, dtype=torch.int32),
         table[:, -1].long(), table, tuple(seq), (1,) * rows, True)
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
-    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt)
-    ms = time_layers(fi, batch, q, hkv, layers)
-    floor = rows * context * layers * 2 * hkv * d * k_bufs[0].element_size() / 3.0e9
-    return {"ms": ms, "kv_floor_ms": floor}
+    res = {"kv_floor_ms": rows * context * layers * 2 * hkv * d * k_bufs[0].element_size() / 3.0e9}
+    for name, tensor_cores in (("tensor_cores_ms", True), ("cuda_cores_ms", False)):
+        fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
+                                        decode_tensor_cores=tensor_cores)
+        res[name] = time_layers(fi, batch, q, hkv, layers)
+        print(name, kv_dtype, res[name], flush=True)
+        del fi
+    from radixserve.ops.attention.triton_backend import TritonAttentionBackend
+
+    res["triton_ms"] = time_layers(TritonAttentionBackend(k_bufs, v_bufs), batch, q, hkv, layers)
+    return res
 
 
 def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str, float]:
@@ -267,6 +277,13 @@ async def decode_speed(engine: Engine, input_len: int, output_len: int) -> dict[
 
 async def main(args: argparse.Namespace) -> None:
     res: dict[str, object] = {"card": torch.cuda.get_device_name()}
+    if args.decode_kernels:
+        res["fp8_cuda_core_decode_rel_err"] = check_backend(
+            [1, 1, 1, 1], [1, 17, 300, 2048], kv_dtype=torch.float8_e4m3fn, decode_tensor_cores=False)
+        print(res, flush=True)
+        res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
+        finish(res, args.out)
+        return
     res["backend_decode_rel_err"] = check_backend([1, 1, 1, 1], [1, 17, 300, 2048])
     res["backend_extend_rel_err"] = check_backend([5, 300, 1, 64], [5, 1000, 77, 64])
     res["backend_cascade_rel_err"] = check_backend(
@@ -284,6 +301,8 @@ async def main(args: argparse.Namespace) -> None:
     print(res, flush=True)
     for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
         res[f"decode_128x2700_attention_32_layers_{name}"] = time_decode(128, 2700, kv_dtype)
+        res[f"{name}_cuda_core_decode_rel_err"] = check_backend(
+            [1, 1, 1, 1], [1, 17, 300, 2048], kv_dtype=kv_dtype, decode_tensor_cores=False)
     print(res, flush=True)
     res["cascade_attention_32_layers"] = time_cascade(rows=1024, shared=2048, own=256)
     res["mixed_step_attention_32_layers"] = time_mixed(decode_rows=150, context=2700, prompt=4000)
@@ -329,4 +348,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile-dir", default=None)
     parser.add_argument("--only-attention", action="store_true", help="the backend checks and timings only")
     parser.add_argument("--pdl-check", action="store_true", help="backend checks, then PDL on/off tokens")
+    parser.add_argument("--decode-kernels", action="store_true",
+                        help="only a 128-row FP8 decode step's attention on each decode kernel "
+                             "(FlashInfer tensor cores, CUDA cores, Triton)")
     anyio.run(main, parser.parse_args())

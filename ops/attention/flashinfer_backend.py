@@ -32,6 +32,7 @@ from radixserve.ops.kv_dtype import FP8_DTYPES
 WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
 DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step in one batch prefill (A/B)
+DECODE_CUDA_CORES_ENV = "RADIXSERVE_DECODE_CUDA_CORES"  # =1: decode on FlashInfer's CUDA-core kernels (A/B)
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -84,6 +85,7 @@ class FlashInferAttentionBackend:
         head_dim: int,
         scale: float,
         dtype: torch.dtype | None = None,  # queries and outputs; None: the pool's (which must not be FP8)
+        decode_tensor_cores: bool | None = None,  # None: yes unless RADIXSERVE_DECODE_CUDA_CORES=1
     ) -> None:
         import flashinfer
 
@@ -100,11 +102,14 @@ class FlashInferAttentionBackend:
         # FlashInfer's SM90 prefill (FA3, what "auto" picks on an H100) takes no FP8 pages under 16-bit
         # queries; FA2 widens FP8 tiles as it loads them.
         prefill_backend = "fa2" if self.kv_dtype in FP8_DTYPES else "auto"
+        if decode_tensor_cores is None:
+            decode_tensor_cores = os.environ.get(DECODE_CUDA_CORES_ENV, "0") != "1"
+        self.decode_tensor_cores = decode_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=True)
+            self.workspace, "NHD", use_tensor_cores=decode_tensor_cores)
         # Cascade decode (ops/attention/cascade.py): level 0 on a prefill wrapper of its own (sharing the
         # workspace of the wrappers a decode step does not use), level 1 on a decode wrapper planned at the
         # same time, so with a workspace of its own.
@@ -115,7 +120,7 @@ class FlashInferAttentionBackend:
             self.workspace, "NHD", backend="fa2")
         self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.suffix_workspace, "NHD", use_tensor_cores=True)
+            self.suffix_workspace, "NHD", use_tensor_cores=decode_tensor_cores)
         self.extend_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.extend_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.extend_workspace, "NHD", backend=prefill_backend)
@@ -155,7 +160,7 @@ class FlashInferAttentionBackend:
         """A decode wrapper with static buffers for a CUDA graph of batch size bs. Wrappers of every size may
         share the same buffers (only one graph runs at a time, planned right before its replay)."""
         return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
             paged_kv_indptr_buffer=indptr[: bs + 1], paged_kv_indices_buffer=indices,
             paged_kv_last_page_len_buffer=last_page_len[:bs],
         )
