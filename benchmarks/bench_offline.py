@@ -102,6 +102,7 @@ class StepBreakdown:
     idle_fraction: float  # idle_s / span_s
     kinds: tuple[StepKindStats, ...]  # decode_graph, decode_eager, mixed
     decode_rows: tuple[RowBucket, ...]  # decode steps by rows (DECODE_ROW_BUCKETS)
+    profiler_export_s: float = 0.0  # the gap left out: the worker writing the profiler's trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +190,13 @@ def graph_max_rows(config: EngineConfig, device: str) -> int:
     return capture_sizes(min(config.cuda_graph_max_bs, config.max_running_requests + 1))[-1]
 
 
-def step_breakdown(steps: np.ndarray, graph_max_rows: int, clock: str = "cuda_events") -> StepBreakdown:
-    """Where the device time of a run of step_timer records (ms, any order) went, by kind of step."""
+def step_breakdown(
+    steps: np.ndarray, graph_max_rows: int, clock: str = "cuda_events", profiler_stop: int | None = None
+) -> StepBreakdown:
+    """Where the device time of a run of step_timer records (ms, any order) went, by kind of step.
+
+    `profiler_stop`: the step at whose start a profiler window closed (step_timer's profiled_steps[1]); the
+    gap before it is the worker writing the trace, which is left out of the idle time and the span."""
     steps = steps[np.isfinite(steps[:, [LAUNCH, END]]).all(axis=1)]
     steps = steps[np.argsort(steps[:, STEP], kind="stable")]
     if not len(steps):
@@ -198,6 +204,14 @@ def step_breakdown(steps: np.ndarray, graph_max_rows: int, clock: str = "cuda_ev
     launch, end, rows, tokens = steps[:, LAUNCH], steps[:, END], steps[:, ROWS], steps[:, TOKENS]
     period = np.append(np.diff(launch), end[-1] - launch[-1]) / 1e3
     idle = np.append(np.maximum(launch[1:] - end[:-1], 0.0), 0.0) / 1e3
+    export = 0.0
+    if profiler_stop is not None:
+        before = np.nonzero(steps[1:, STEP] == profiler_stop)[0]  # the step whose period ends at the gap
+        if len(before):
+            i = int(before[0])
+            export = float(idle[i])
+            period[i] -= export
+            idle[i] = 0.0
     span = float(period.sum())
     decode = tokens == rows
 
@@ -232,6 +246,7 @@ def step_breakdown(steps: np.ndarray, graph_max_rows: int, clock: str = "cuda_ev
             kind("mixed", ~decode),
         ),
         decode_rows=tuple(buckets),
+        profiler_export_s=export,
     )
 
 
@@ -312,7 +327,8 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
         else:
             print("(no device kernels in the trace: a CPU run)")
     steps = steps_between(dump, measured.start_ns, measured.end_ns)
-    breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"])
+    stop = (dump.get("profiled_steps") or [None, None])[1] if profiled else None
+    breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"], profiler_stop=stop)
     window = (measured.start_ns, measured.end_ns)
     gc_pauses = {"engine": gc_pauses_summary(engine_gc.records, *window),
                  "worker": gc_pauses_summary(dump.get("gc_records", []), *window)}
@@ -361,6 +377,8 @@ def report_steps(b: StepBreakdown) -> None:
     print_grid(["rows", "steps", "period s", "share %"],
                [(r.rows, r.steps, r.period_s, 100 * r.share) for r in b.decode_rows])
     print(f"\nDevice idle between steps: {b.idle_s:.3f} s ({100 * b.idle_fraction:.2f}% of the span)")
+    if b.profiler_export_s:
+        print(f"(left out: {b.profiler_export_s:.3f} s of the worker writing the profiler's trace)")
     if not b.graph_max_rows:
         print("(no CUDA graphs in this run: every decode step ran eagerly)")
 

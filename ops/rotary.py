@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from radixserve.errors import UnsupportedFeatureError
+from radixserve.ops.kv_dtype import to_kv
 from radixserve.ops.forward_batch import KVStore
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -116,8 +117,8 @@ class RotaryEmbedding(nn.Module):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if kv_store is not None:
             assert v is not None, "storing K/V needs v"
-            kv_store.k_buffer[kv_store.slots] = k.to(kv_store.k_buffer.dtype)
-            kv_store.v_buffer[kv_store.slots] = v.to(kv_store.v_buffer.dtype)
+            kv_store.k_buffer[kv_store.slots] = to_kv(k, kv_store.k_buffer.dtype)
+            kv_store.v_buffer[kv_store.slots] = to_kv(v, kv_store.v_buffer.dtype)
         return q, k
 
 
