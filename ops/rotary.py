@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from radixserve.errors import UnsupportedFeatureError
-from radixserve.ops.kv_dtype import to_kv
 from radixserve.ops.forward_batch import KVStore
+from radixserve.ops.kv_dtype import to_kv
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED_KEYS = {

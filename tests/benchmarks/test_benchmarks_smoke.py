@@ -249,7 +249,7 @@ def test_offline_step_breakdown_splits_device_time_by_kind() -> None:
     graph, eager, _ = bench_offline.step_breakdown(steps, graph_max_rows=0).kinds
     assert graph.steps == 0 and graph.tokens_per_s == 0 and eager.steps == 4
     assert eager.period_s == pytest.approx(0.0085)
-    # A profiler window closed as step 4 began: the 2 ms gap before it (the trace export) leaves span and idle.
+    # A profiler window closed as step 4 began: the 2 ms gap before it (the trace export) leaves the span
     b = bench_offline.step_breakdown(steps, graph_max_rows=160, clock="host", profiler_stop=4)
     assert b.profiler_export_s == pytest.approx(0.002)
     assert b.span_s == pytest.approx(0.015) and b.idle_s == pytest.approx(0.002)
