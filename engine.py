@@ -177,6 +177,11 @@ class Engine:
         first = self._groups[0].readies[0]
         assert first is not None
         self.ready = replace_struct(first, num_slots=min(group.num_slots for group in self._groups))
+        logger.info(
+            "KV cache: %d tokens per replica (%.2f GiB a rank, kv_cache_dtype %s); %d replica(s) x TP %d",
+            self.ready.num_slots - 1, first.kv_bytes / (1 << 30), self.config.kv_cache_dtype,
+            len(self._groups), self.config.tp_size,
+        )
 
     async def _start_actors(self, max_rows: int) -> None:
         cfg, ready, mc = self.config, self.ready, self.model_config
