@@ -47,6 +47,9 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256  # SGLang's H100 default; larger decode steps run eagerly
     disable_custom_all_reduce: bool = False  # TP on GPUs: NCCL for every all-reduce (no one-shot path)
+    # TP on GPUs: each row-parallel layer's all-reduce, the residual add and the RMSNorm after it in one
+    # kernel (FlashInfer's build of TensorRT-LLM's fused all-reduce; ops/allreduce_norm.py)
+    enable_flashinfer_allreduce_fusion: bool = False
     enable_torch_compile: bool = False
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype), fp8_e5m2, fp8_e4m3
@@ -108,6 +111,9 @@ class EngineConfig:
             self.dist_init_endpoint()  # validates it
         if self.quantization is not None:
             raise UnsupportedFeatureError(f"quantization {self.quantization!r} is not built yet")
+        if self.enable_flashinfer_allreduce_fusion and (self.tp_size == 1 or self.nnodes > 1):
+            raise ValueError("enable_flashinfer_allreduce_fusion fuses the all-reduces of tensor parallelism on "
+                             "one host: it needs tp_size > 1 and nnodes 1")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")

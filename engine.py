@@ -57,7 +57,7 @@ from radixserve.actors.worker_group import (
     start_groups,
 )
 from radixserve.config import EngineConfig
-from radixserve.errors import EngineDeadError, RequestAbortedError
+from radixserve.errors import EngineDeadError, RequestAbortedError, UnsupportedFeatureError
 from radixserve.models.config import ModelConfig
 from radixserve.models.source import load_hf_config_dict, resolve_model_source
 from radixserve.models.tokenizer import load_tokenizer
@@ -101,6 +101,8 @@ class Engine:
         check_tensor_parallel(self.model_config, cfg.tp_size)
         self.tokenizer = await anyio.to_thread.run_sync(load_tokenizer, source)
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.enable_flashinfer_allreduce_fusion and device != "cuda":
+            raise UnsupportedFeatureError("--enable-flashinfer-allreduce-fusion needs CUDA GPUs")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         context = min(cfg.context_length or self.model_config.max_position_embeddings,
                       self.model_config.max_position_embeddings if cfg.context_length is None else cfg.context_length)
@@ -122,6 +124,7 @@ class Engine:
                 attention_backend=cfg.attention_backend, random_seed=seed,
                 disable_cuda_graph=cfg.disable_cuda_graph, cuda_graph_max_bs=cfg.cuda_graph_max_bs,
                 load_format=cfg.load_format, kv_cache_dtype=cfg.kv_cache_dtype,
+                enable_flashinfer_allreduce_fusion=cfg.enable_flashinfer_allreduce_fusion,
                 # One-shot all-reduce needs peer access to every rank's memory: one host only.
                 disable_custom_all_reduce=cfg.disable_custom_all_reduce or cfg.nnodes > 1,
             ))

@@ -54,6 +54,7 @@ ENGINE_FLAGS = (
     "disable_cuda_graph",
     "cuda_graph_max_bs",
     "disable_custom_all_reduce",
+    "enable_flashinfer_allreduce_fusion",
     "enable_torch_compile",
     "quantization",
     "kv_cache_dtype",
@@ -93,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--cuda-graph-max-bs", type=int)
     add("--disable-custom-all-reduce", action="store_true", default=None,
         help="tensor parallelism on GPUs: NCCL for every all-reduce")
+    add("--enable-flashinfer-allreduce-fusion", action="store_true", default=None,
+        help="tensor parallelism on GPUs: all-reduce, residual add and RMSNorm in one kernel")
     add("--enable-torch-compile", action="store_true", default=None)
     add("--quantization")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,

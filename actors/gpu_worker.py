@@ -41,7 +41,10 @@ from radixserve.actors.messages import (
 from radixserve.actors.model_runner import LaunchedStep, ModelRunner, PendingStep
 from radixserve.errors import UnsupportedFeatureError
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
+from radixserve.models.config import ModelConfig
 from radixserve.models.loader import load_model
+from radixserve.models.source import load_hf_config_dict, resolve_model_source
+from radixserve.ops.allreduce_norm import make_fused_all_reduce_norm
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend
@@ -83,10 +86,20 @@ def init_tensor_parallel(init: InitWorker, device: torch.device) -> TPGroup:
         world_size=init.tp_size, device_id=device if cuda else None,
     )
     group = dist.group.WORLD
-    one_shot = None
+    dtype = _DTYPES[init.dtype]
+    one_shot = fused_norm = None
     if cuda and not init.disable_custom_all_reduce:
-        one_shot = make_one_shot_all_reduce(group, device, _DTYPES[init.dtype])
-    return TPGroup(init.rank, init.tp_size, group, one_shot)
+        one_shot = make_one_shot_all_reduce(group, device, dtype)
+    if init.enable_flashinfer_allreduce_fusion:
+        # NOTE: the IPC buffers live until the process exits (freeing them is a collective, and a group
+        # going down may have lost a rank).
+        from radixserve.ops.triton_launch import pdl_enabled
+
+        source = resolve_model_source(init.model_path, need_weights=False)
+        hidden = ModelConfig.from_hf_dict(load_hf_config_dict(source)).hidden_size
+        fused_norm = make_fused_all_reduce_norm(group, init.rank, init.tp_size, hidden, dtype, device,
+                                                pdl=cuda and pdl_enabled(device))
+    return TPGroup(init.rank, init.tp_size, group, one_shot, fused_norm)
 
 
 def local_kv_heads(model: Any) -> int:

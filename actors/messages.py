@@ -176,6 +176,7 @@ class InitWorker(_Msg):
     load_format: str = "auto"
     disable_custom_all_reduce: bool = False
     kv_cache_dtype: str = "auto"  # the KV pool's: auto (the model's dtype), fp8_e5m2 or fp8_e4m3
+    enable_flashinfer_allreduce_fusion: bool = False
     # torch.distributed rendezvous of the tensor-parallel group (tp_size > 1): file://... or tcp://host:port.
     dist_init_method: str = ""
 

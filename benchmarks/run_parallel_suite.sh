@@ -9,6 +9,8 @@
 #   latency_llama   batch-1 decode at input 1024, Llama-3.1-8B: TP1, TP2, TP2 NCCL-only, TP4
 #   latency_qwen    the same for Qwen2-7B: TP1, TP2, TP4
 #   latency_tp1     Llama batch-1 decode, TP1 only (one GPU)
+#   tp2_fused       bench_all_reduce --fused-norm, then Llama batch-1 decode TP1, TP2, TP2 with
+#                   --enable-flashinfer-allreduce-fusion (ranks' tokens checked equal), two GPUs
 #   issue6          Llama TP1 and TP2 batch-1 decode, offline DP1 and DP2 (two GPUs)
 #   profile_tp2     batch-1 TP2: GPU idle between steps, a kernel trace, cProfile of the worker and the engine
 #   single          four one-GPU jobs at once, one per card: Llama offline (DP1), Qwen offline (TP1),
@@ -105,6 +107,13 @@ for stage in "$@"; do
       latency 0,1,2,3 llama_tp4 "$LLAMA" --tp-size 4 ;;
     latency_tp1)
       latency 0 llama_tp1 "$LLAMA" ;;
+    tp2_fused)
+      # all-reduce + add + RMSNorm fused (FlashInfer): the kernel against the unfused pair, then batch-1 decode
+      job 0,1 allreduce_fused $BENCH.bench_all_reduce --world-size 2 --fused-norm --sizes-kib 8 2048
+      latency 0 llama_tp1 "$LLAMA"
+      latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
+      RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 \
+        --enable-flashinfer-allreduce-fusion ;;
     latency_qwen)
       latency 0 qwen_tp1 "$QWEN"
       latency 0,1 qwen_tp2 "$QWEN" --tp-size 2

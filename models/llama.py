@@ -32,7 +32,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, d, config.num_heads, config.num_kv_heads, config.qkv_bias, tp, dtype
         )
-        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, False, tp, dtype)
+        # unsummed: the next norm completes it (RMSNorm reduce_tp)
+        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, False, tp, dtype,
+                                        reduce_results=False)
         self.rotary_emb = rotary  # one instance shared by every layer
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -47,7 +49,7 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary_emb(positions, q, k, v, kv_store)
         stored = kv_store is not None
         o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=stored)
-        return self.o_proj(o.reshape(T, -1))  # [T, hidden]
+        return self.o_proj(o.reshape(T, -1))  # [T, hidden], this rank's partial sum
 
 
 class LlamaMLP(nn.Module):
@@ -55,10 +57,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], False, tp, dtype)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp, dtype)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp, dtype, reduce_results=False)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden], a partial sum
         return self.down_proj(self.act(self.gate_up_proj(x)))  # via [T, 2 * inter / tp], [T, inter / tp]
 
 
@@ -67,15 +69,18 @@ class LlamaDecoderLayer(nn.Module):
         self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # Each norm sums the row-parallel output before it over the TP ranks (with the add and the norm, in
+        # one kernel where the group can), except layer 0's input norm, which gets the whole embedding.
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, reduce_tp=tp)
         self.self_attn = LlamaAttention(config, layer_id, rotary, tp, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, reduce_tp=tp)
         self.mlp = LlamaMLP(config, tp, dtype)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so that each norm can fuse in the previous block's add.
+        # The residual stream is carried separately so that each norm can fuse in the previous block's add
+        # (and its all-reduce: x is a partial sum under TP).
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -95,7 +100,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary, tp, dtype) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, reduce_tp=tp)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x, residual = self.embed_tokens(batch.input_ids), None  # [T, hidden]

@@ -166,14 +166,17 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by columns (input features).
 
     x arrives split (from a column layer), each rank computes a partial sum, and one all-reduce completes it.
-    The bias is added on rank 0 only, before the sum.
+    The bias is added on rank 0 only, before the sum. reduce_results=False returns the partial sum, for a
+    consumer that completes it (an RMSNorm with reduce_tp, which can fuse the all-reduce in).
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, tp: TPGroup, dtype: torch.dtype
+        self, in_features: int, out_features: int, bias: bool, tp: TPGroup, dtype: torch.dtype,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
         self.tp = tp
+        self.reduce_results = reduce_results
         self.in_features = in_features
         self.out_features = out_features
         self.in_local = tp.shard(in_features, "input features")
@@ -184,7 +187,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         y = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(y) if self.reduce_results else y
 
     def weight_loader(
         self, param: nn.Parameter, full: torch.Tensor, shard_id: str | int | None = None

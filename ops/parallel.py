@@ -1,7 +1,8 @@
 """Tensor parallelism: the rank of this worker among its peers, and the two collectives the model layers need.
 
 Every collective is a no-op at size 1, so a single-GPU (or CPU) model pays nothing for being TP-ready. On
-GPUs, small all-reduces (decode steps) take the one-shot symmetric-memory path when the group has one.
+GPUs, small all-reduces (decode steps) take the one-shot symmetric-memory path when the group has one, or,
+with --enable-flashinfer-allreduce-fusion, one kernel with the residual add and RMSNorm that follow them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from radixserve.ops.allreduce_norm import FusedAllReduceRMSNorm
     from radixserve.ops.symm_all_reduce import OneShotAllReduce
 
 
@@ -24,6 +26,8 @@ class TPGroup:
     size: int = 1
     group: dist.ProcessGroup | None = None
     one_shot: OneShotAllReduce | None = None  # small tensors on GPUs (ops/symm_all_reduce.py); else NCCL/gloo
+    # All-reduce + residual add + RMSNorm in one kernel (ops/allreduce_norm.py; RMSNorm uses it), or None
+    fused_norm: FusedAllReduceRMSNorm | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:

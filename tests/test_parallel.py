@@ -101,6 +101,10 @@ async def test_parallel_flags_are_validated(tiny_qwen2_dir: Path) -> None:
     with pytest.raises(ValueError, match="num_attention_heads"):  # 4 heads do not split 3 ways
         async with Engine(str(tiny_qwen2_dir), tp_size=3, **CPU):
             pass
+    # The fused all-reduce is CUDA IPC: on the CPU the workers refuse it by name, and start-up ends cleanly.
+    with pytest.raises(UnsupportedFeatureError, match="--enable-flashinfer-allreduce-fusion needs CUDA"):
+        async with Engine(str(tiny_qwen2_dir), tp_size=2, enable_flashinfer_allreduce_fusion=True, **CPU):
+            pass
 
 
 async def test_tp2_matches_tp1(

@@ -24,7 +24,7 @@ def test_flags_map_onto_engine_config() -> None:
             "--served-model-name",
             "x",
             "--tp",
-            "1",
+            "2",
             "--dp",
             "1",
             "--max-num-reqs",
@@ -56,10 +56,12 @@ def test_flags_map_onto_engine_config() -> None:
             "0.5",
             "--kv-cache-dtype",
             "fp8_e5m2",
+            "--enable-flashinfer-allreduce-fusion",
         ]
     )
     cfg = engine_config(args)
-    assert (cfg.model_path, cfg.served_model_name, cfg.tp_size, cfg.dp_size) == ("/models/x", "x", 1, 1)
+    assert (cfg.model_path, cfg.served_model_name, cfg.tp_size, cfg.dp_size) == ("/models/x", "x", 2, 1)
+    assert cfg.enable_flashinfer_allreduce_fusion
     assert (cfg.max_running_requests, cfg.max_queued_requests, cfg.context_length) == (7, 3, 1024)
     assert (cfg.chunked_prefill_size, cfg.max_prefill_tokens, cfg.max_total_tokens) == (256, 512, 4096)
     assert cfg.schedule_policy == "fcfs" and cfg.disable_radix_cache and cfg.disable_cuda_graph
@@ -104,6 +106,14 @@ def test_bad_flags_exit_2_without_a_traceback() -> None:
         )
         assert proc.returncode == 2, (flags, proc.stderr)
         assert flags[0][2:] in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_allreduce_fusion_needs_tensor_parallelism_on_one_host() -> None:
+    from radixserve.config import EngineConfig
+
+    for kw in ({}, {"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1:5000"}):
+        with pytest.raises(ValueError, match="needs tp_size > 1 and nnodes 1"):
+            EngineConfig(enable_flashinfer_allreduce_fusion=True, **kw)
 
 
 def test_engine_config_names_a_bad_kv_cache_dtype() -> None:
