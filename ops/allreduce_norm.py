@@ -84,7 +84,9 @@ def make_fused_all_reduce_norm(
     if not all(torch.cuda.can_device_access_peer(device.index, p) for p in peers):
         raise UnsupportedFeatureError(
             "--enable-flashinfer-allreduce-fusion needs peer access between the GPUs")
-    try:
-        return FusedAllReduceRMSNorm(group, rank, world, hidden, dtype, device, pdl=pdl)
-    except ImportError as e:
-        raise UnsupportedFeatureError(f"--enable-flashinfer-allreduce-fusion needs flashinfer.comm ({e})") from e
+    try:  # NOTE: flashinfer.comm asserts at import that libcudart is loaded (it calls it through ctypes)
+        import flashinfer.comm  # noqa: F401
+    except (ImportError, AssertionError, OSError) as e:
+        raise UnsupportedFeatureError(
+            f"--enable-flashinfer-allreduce-fusion needs flashinfer.comm ({type(e).__name__}: {e})") from e
+    return FusedAllReduceRMSNorm(group, rank, world, hidden, dtype, device, pdl=pdl)
