@@ -42,6 +42,8 @@
 #   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then
 #                   bench_decode_attention: FlashInfer decode plans, on card 0
 #   gemv_wide       bench_gemv on the TP1 shapes at 64 and 128 rows only, on card 0
+#   gemv_swiglu     bench_gemv --swiglu (gate/up + SiLU-and-mul in one kernel vs two), then batch-1 decode
+#                   TP1 without and with RADIXSERVE_FUSED_SWIGLU=1, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few
@@ -113,7 +115,9 @@ for stage in "$@"; do
       latency 0 llama_tp1 "$LLAMA"
       latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
       RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 \
-        --enable-flashinfer-allreduce-fusion ;;
+        --enable-flashinfer-allreduce-fusion
+      RADIXSERVE_FUSED_SWIGLU=1 RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused_swiglu "$LLAMA" \
+        --tp-size 2 --enable-flashinfer-allreduce-fusion ;;
     latency_qwen)
       latency 0 qwen_tp1 "$QWEN"
       latency 0,1 qwen_tp2 "$QWEN" --tp-size 2
@@ -197,6 +201,10 @@ for stage in "$@"; do
       job 0 gemv_attention $BENCH.bench_decode_attention ;;
     gemv_wide)  # the TP1 shapes at the offline run's decode batches
       job 0 gemv_wide $BENCH.bench_gemv --tp 1 --batches 64 128 ;;
+    gemv_swiglu)  # gate/up + SiLU-and-mul fused vs not, then batch-1 decode TP1 with the fused kernel
+      job 0 gemv_swiglu $BENCH.bench_gemv --swiglu --batches 1 2 4 8 16
+      latency 0 llama_tp1 "$LLAMA"
+      RADIXSERVE_FUSED_SWIGLU=1 latency 0 llama_tp1_swiglu "$LLAMA" ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from radixserve.models.config import ModelConfig
-from radixserve.ops.activation import SiluAndMul
 from radixserve.ops.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.ops.forward_batch import ForwardBatch
 from radixserve.ops.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -58,10 +57,9 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], False, tp, dtype)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp, dtype, reduce_results=False)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden], a partial sum
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # via [T, 2 * inter / tp], [T, inter / tp]
+        return self.down_proj(self.gate_up_proj.swiglu(x))  # via silu(gate) * up: [T, inter / tp]
 
 
 class LlamaDecoderLayer(nn.Module):
