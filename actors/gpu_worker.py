@@ -91,8 +91,6 @@ def init_tensor_parallel(init: InitWorker, device: torch.device) -> TPGroup:
     if cuda and not init.disable_custom_all_reduce:
         one_shot = make_one_shot_all_reduce(group, device, dtype)
     if init.enable_flashinfer_allreduce_fusion:
-        # NOTE: the IPC buffers live until the process exits (freeing them is a collective, and a group
-        # going down may have lost a rank).
         from radixserve.ops.triton_launch import pdl_enabled
 
         source = resolve_model_source(init.model_path, need_weights=False)

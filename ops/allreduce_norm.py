@@ -9,7 +9,8 @@ messages), and every rank sums them in rank order, adds the residual and normali
 CUDA-graph capturable and launches with programmatic dependent launch.
 
 Rows past `max_tokens` (long prefill chunks) take the unfused path (ops/parallel.TPGroup.all_reduce, then
-the add + norm kernel); the caller checks `fits`. `flashinfer` is imported lazily.
+the add + norm kernel); the caller checks `fits`. The IPC buffers live as long as the worker process
+(freeing them is a collective, which a group that lost a rank cannot run). `flashinfer` is imported lazily.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class FusedAllReduceRMSNorm:
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the fused all-reduce takes bf16 or fp16 activations, not {dtype}")
         self._ar: Any = trtllm_ar
-        self.group, self.rank, self.world = group, rank, world
+        self.rank, self.world = rank, world
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.max_tokens = max_tokens
         self.pdl = pdl
@@ -65,11 +66,6 @@ class FusedAllReduceRMSNorm:
             layout_code=None,
         )
         return norm_out, residual_out
-
-    def close(self) -> None:
-        """Free the IPC buffers (every rank calls it: it ends in a barrier of the group)."""
-        self._ar.trtllm_destroy_ipc_workspace_for_all_reduce_fusion(self._ipc_handles, group=self.group)
-        self._ipc_handles = []
 
 
 def make_fused_all_reduce_norm(
