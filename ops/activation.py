@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -16,9 +15,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
-
-class SiluAndMul(nn.Module):
-    """[T, 2 * d] (gate | up) -> [T, d]: silu(gate) * up."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)

@@ -116,7 +116,7 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2 * d] (gate | up) -> [T, d]: silu(gate) * up, as ops.activation.SiluAndMul."""
+    """[T, 2 * d] (gate | up) -> [T, d]: silu(gate) * up, as ops.activation.silu_and_mul."""
     _check_rows("x", x)
     n_rows, width = x.shape
     if width % 2:
