@@ -85,13 +85,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, tp, dtype)
         self.output_sizes = tuple(output_sizes)
         self.local_sizes = tuple(tp.shard(s, "merged output features") for s in output_sizes)
+        self.is_gate_up = len(self.local_sizes) == 2 and self.local_sizes[0] == self.local_sizes[1] and not bias
         self.fuse_swiglu = os.environ.get(FUSED_SWIGLU_ENV, "0") == "1"
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out_0 / tp]
         """silu(gate) * up of a [gate, up] projection: one Triton kernel for decode batches on the GPU where
         RADIXSERVE_FUSED_SWIGLU=1 and the skinny GEMM takes this weight at this batch, else the projection
         and the SiLU-and-mul kernel."""
-        if len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1] or self.bias is not None:
+        if not self.is_gate_up:
             raise ValueError("swiglu needs two equal halves (gate, up) and no bias")
         if self.fuse_swiglu and x.is_cuda:
             from radixserve.ops import triton_gemv
