@@ -85,7 +85,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, tp, dtype)
         self.output_sizes = tuple(output_sizes)
         self.local_sizes = tuple(tp.shard(s, "merged output features") for s in output_sizes)
-        self.is_gate_up = len(self.local_sizes) == 2 and self.local_sizes[0] == self.local_sizes[1] and not bias
+        sizes = self.local_sizes
+        self.is_gate_up = len(sizes) == 2 and sizes[0] == sizes[1] and not bias  # swiglu() applies
         self.fuse_swiglu = os.environ.get(FUSED_SWIGLU_ENV, "0") == "1"
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out_0 / tp]
