@@ -166,38 +166,6 @@ def bench_layer(layer: Layer, batches: Sequence[int], args: argparse.Namespace) 
     return rows
 
 
-def bench_swiglu(layer: Layer, batches: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """A gate/up layer and its SiLU-and-mul: cuBLAS + the silu kernel, the skinny GEMM + the silu kernel
-    (what runs today at these batches), and skinny_swiglu (one kernel), microseconds per MLP."""
-    import torch
-    import torch.nn.functional as F
-
-    from radixserve.ops.triton_fused import silu_and_mul
-    from radixserve.ops.triton_gemv import skinny_matmul, skinny_swiglu
-
-    dtype, device = torch.bfloat16, torch.device("cuda")
-    w0 = torch.randn(layer.n, layer.k, dtype=dtype, device=device) / math.sqrt(layer.k)
-    weights = [w0] + [w0.clone() for _ in range(rotation(w0.nbytes) - 1)]
-    cycle = [weights[i % len(weights)] for i in range(OPS_PER_GRAPH)]
-    rows: list[dict[str, Any]] = []
-    for m in batches:
-        x = torch.randn(m, layer.k, dtype=dtype, device=device)
-        ref = silu_and_mul(F.linear(x, w0)).float()
-        fused = skinny_swiglu(x, w0).float()
-        err = ((fused - ref).abs().max() / ref.abs().max()).item()
-        row = {"layer": layer.name, "tp": layer.tp, "n": layer.n, "k": layer.k, "m": m, "max_rel_err": err}
-        for name, op in (("cublas_silu_us", lambda w, x=x: silu_and_mul(F.linear(x, w))),
-                         ("skinny_silu_us", lambda w, x=x: silu_and_mul(skinny_matmul(x, w))),
-                         ("fused_us", lambda w, x=x: skinny_swiglu(x, w))):
-            row[name] = graph_us([partial(op, w) for w in cycle], args.replays)
-        print(f"{layer.name} tp{layer.tp} M={m}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_us")) + f", rel err {err:.1e}", flush=True)
-        rows.append(row)
-    del weights, cycle, w0
-    torch.cuda.empty_cache()
-    return rows
-
-
 def _close(rel_err: float | None) -> bool:
     return rel_err is not None and rel_err < MAX_REL_ERR
 
@@ -263,8 +231,6 @@ def main() -> None:
     add("--replays", type=int, default=None, help="graph replays per timing (default 10, with --quick 5)")
     add("--batches", type=int, nargs="+", default=None, help=f"batch sizes M (default {BATCHES})")
     add("--tp", type=int, choices=(1, 2), default=None, help="only this TP degree's shapes (default both)")
-    add("--swiglu", action="store_true",
-        help="only the gate/up layers: unfused vs skinny_swiglu (projection + SiLU-and-mul in one kernel)")
     args = parser.parse_args()
     if args.replays is None:
         args.replays = 5 if args.quick else 10
@@ -279,13 +245,6 @@ def main() -> None:
     tp = 1 if args.quick else args.tp
     layers = [layer for layer in LAYERS if tp is None or layer.tp == tp]
     batches = tuple(args.batches or ((1, 8) if args.quick else BATCHES))
-    if args.swiglu:
-        gate_up = [layer for layer in layers if layer.name == "gate_up"]
-        swiglu = [row for layer in gate_up for row in bench_swiglu(layer, batches, args)]
-        path = write_result(args.result_dir, info, {"replays": args.replays, "swiglu": swiglu})
-        print(f"\nresult: {path}  ({info.device})")
-        print_grid(list(swiglu[0]), [list(r.values()) for r in swiglu])
-        return
     linear = [row for layer in layers for row in bench_layer(layer, batches, args)]
     table = tuned_table(linear)
     result = {

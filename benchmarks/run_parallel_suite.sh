@@ -13,6 +13,7 @@
 #                   --enable-flashinfer-allreduce-fusion (ranks' tokens checked equal), two GPUs
 #   issue6          Llama TP1 and TP2 batch-1 decode, offline DP1 and DP2 (two GPUs)
 #   profile_tp2     batch-1 TP2: GPU idle between steps, a kernel trace, cProfile of the worker and the engine
+#                   (TP_ARGS: more profile_decode flags, e.g. --enable-flashinfer-allreduce-fusion)
 #   single          four one-GPU jobs at once, one per card: Llama offline (DP1), Qwen offline (TP1),
 #                   bench_constrained, and the online serving run (100 prompts of random 4096/2048 at 1 req/s)
 #   offline_2gpu    Llama offline DP2 on cards 0,1 and Qwen offline TP2 on cards 2,3, at once
@@ -42,8 +43,6 @@
 #   gemv            bench_gemv: cuBLAS vs the Triton skinny GEMM on the Llama shapes, then
 #                   bench_decode_attention: FlashInfer decode plans, on card 0
 #   gemv_wide       bench_gemv on the TP1 shapes at 64 and 128 rows only, on card 0
-#   gemv_swiglu     bench_gemv --swiglu (gate/up + SiLU-and-mul in one kernel vs two), then batch-1 decode
-#                   TP1 without and with RADIXSERVE_FUSED_SWIGLU=1, on card 0
 # Offline runs use the GPU-path issue's random dataset: 500 prompts, input U[1,4096], output U[1,2048].
 # Models: config.json + tokenizer folders with random weights (--load-format dummy). Results: JSON files
 # under $RUNS, with each run's log, packed into $OUT/results.tgz after every run (the device tool returns few
@@ -114,10 +113,10 @@ for stage in "$@"; do
       job 0,1 allreduce_fused $BENCH.bench_all_reduce --world-size 2 --fused-norm --sizes-kib 8 2048
       latency 0 llama_tp1 "$LLAMA"
       latency 0,1 llama_tp2 "$LLAMA" --tp-size 2
-      RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 \
-        --enable-flashinfer-allreduce-fusion
-      RADIXSERVE_FUSED_SWIGLU=1 RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused_swiglu "$LLAMA" \
-        --tp-size 2 --enable-flashinfer-allreduce-fusion ;;
+      latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
+      # the ranks' tokens compared after every step (an all-gather and a host sync a step: not timed)
+      RADIXSERVE_CHECK_TP_TOKENS=1 latency 0,1 llama_tp2_fused_check "$LLAMA" --tp-size 2 \
+        --enable-flashinfer-allreduce-fusion --repeats 1 ;;
     latency_qwen)
       latency 0 qwen_tp1 "$QWEN"
       latency 0,1 qwen_tp2 "$QWEN" --tp-size 2
@@ -134,7 +133,7 @@ for stage in "$@"; do
       # sides
       RADIXSERVE_WORKER_PROFILE=$RUNS/worker.prof job 0,1 profile_tp2 $BENCH.profile_decode \
         --model-path "$LLAMA" $MODEL --tp-size 2 --batch-size 1 --input-len 1024 --output-len 200 \
-        --skip-steps 20 --torch-profile-steps 12
+        --skip-steps 20 --torch-profile-steps 12 ${TP_ARGS:-}
       latency 0,1 llama_tp2_cprofile "$LLAMA" --tp-size 2 --repeats 1 --cprofile "$RUNS/main_tp2.prof" ;;
     constrained)
       job 0 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL ;;
@@ -201,10 +200,6 @@ for stage in "$@"; do
       job 0 gemv_attention $BENCH.bench_decode_attention ;;
     gemv_wide)  # the TP1 shapes at the offline run's decode batches
       job 0 gemv_wide $BENCH.bench_gemv --tp 1 --batches 64 128 ;;
-    gemv_swiglu)  # gate/up + SiLU-and-mul fused vs not, then batch-1 decode TP1 with the fused kernel
-      job 0 gemv_swiglu $BENCH.bench_gemv --swiglu --batches 1 2 4 8 16
-      latency 0 llama_tp1 "$LLAMA"
-      RADIXSERVE_FUSED_SWIGLU=1 latency 0 llama_tp1_swiglu "$LLAMA" ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac

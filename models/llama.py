@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from radixserve.models.config import ModelConfig
+from radixserve.ops.activation import silu_and_mul
 from radixserve.ops.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.ops.forward_batch import ForwardBatch
 from radixserve.ops.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -59,7 +60,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp, dtype, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden], a partial sum
-        return self.down_proj(self.gate_up_proj.swiglu(x))  # via silu(gate) * up: [T, inter / tp]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # via [T, 2 * inter / tp], [T, inter / tp]
 
 
 class LlamaDecoderLayer(nn.Module):

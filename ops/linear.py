@@ -10,17 +10,13 @@ rank's shard, so no rank ever holds more of another rank's weights than the one 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.ops.activation import silu_and_mul
 from radixserve.ops.parallel import TPGroup
-
-FUSED_SWIGLU_ENV = "RADIXSERVE_FUSED_SWIGLU"  # =1: gate/up projection + SiLU-and-mul in one decode kernel
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,22 +81,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, tp, dtype)
         self.output_sizes = tuple(output_sizes)
         self.local_sizes = tuple(tp.shard(s, "merged output features") for s in output_sizes)
-        sizes = self.local_sizes
-        self.is_gate_up = len(sizes) == 2 and sizes[0] == sizes[1] and not bias  # swiglu() applies
-        self.fuse_swiglu = os.environ.get(FUSED_SWIGLU_ENV, "0") == "1"
-
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out_0 / tp]
-        """silu(gate) * up of a [gate, up] projection: one Triton kernel for decode batches on the GPU where
-        RADIXSERVE_FUSED_SWIGLU=1 and the skinny GEMM takes this weight at this batch, else the projection
-        and the SiLU-and-mul kernel."""
-        if not self.is_gate_up:
-            raise ValueError("swiglu needs two equal halves (gate, up) and no bias")
-        if self.fuse_swiglu and x.is_cuda:
-            from radixserve.ops import triton_gemv
-
-            if triton_gemv.faster_than_cublas(x, self.weight):
-                return triton_gemv.skinny_swiglu(x, self.weight)
-        return silu_and_mul(self(x))
 
     def weight_loader(
         self, param: nn.Parameter, full: torch.Tensor, shard_id: str | int | None = None

@@ -41,7 +41,7 @@ uint16 and would multiply bit patterns; compiled dots keep 16-bit tiles for the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -217,27 +217,14 @@ def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
 
 
 @triton.jit
-def _load_slab(ptrs, mask_n, offs_k, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
-    """A [BLOCK_N, BLOCK_K] chunk of W's rows, zero past N and K."""
-    if EVEN_K and EVEN_N:
-        tile = tl.load(ptrs)
-    elif EVEN_K:
-        tile = tl.load(ptrs, mask=mask_n[:, None], other=0.0)
-    else:
-        tile = tl.load(ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-    return tile
-
-
-@triton.jit
 def _gemv_fma_kernel(
     X, W, Bias, Y,
     N, K,
     stride_wn,
-    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """y[0, n] = sum_k x[0, k] * W[n, k]: one row of x on CUDA cores. SWIGLU: W holds 2N rows (gate, then up)
-    and y[0, n] = silu(gate_n) * up_n, both sums in float32."""
+    """y[0, n] = sum_k x[0, k] * W[n, k]: one row of x on CUDA cores."""
     wait_for_predecessor(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -249,9 +236,6 @@ def _gemv_fma_kernel(
     # The partial sums stay spread over [BLOCK_N, BLOCK_K] and are reduced once after the loop: no
     # cross-thread reduction inside it.
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if SWIGLU:
-        up_ptrs = w_ptrs + N * stride_wn
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # NOTE: num_stages on the loop itself, not only at launch: Triton software-pipelines (cp.async into shared
     # memory, NUM_STAGES - 1 chunks ahead) only the loads that feed a tl.dot unless the loop asks for it.
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -266,17 +250,11 @@ def _gemv_fma_kernel(
             x = tl.load(x_ptrs, mask=mask_k, other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        if SWIGLU:
-            up = _load_slab(up_ptrs, mask_n, k0 + offs_k, K, EVEN_N, EVEN_K)
-            acc_up += up.to(tl.float32) * x.to(tl.float32)[None, :]
-            up_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(Bias + n0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if SWIGLU:
-        y = y / (1.0 + tl.exp(-y)) * tl.sum(acc_up, axis=1)
     tl.store(Y + n0 + offs_n, y.to(Y.dtype.element_ty), mask=mask_n)
 
 
@@ -288,12 +266,11 @@ def _skinny_dot_kernel(
     X, W, Bias, Y,
     M, N, K,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """y[m, n] = sum_k x[m, k] * W[n, k] for m < M <= BLOCK_M, on tensor cores: acc^T = W_slab @ x^T.
-    SWIGLU: as in _gemv_fma_kernel, a second slab (the up rows, N further down W) and silu(gate) * up."""
+    """y[m, n] = sum_k x[m, k] * W[n, k] for m < M <= BLOCK_M, on tensor cores: acc^T = W_slab @ x^T."""
     wait_for_predecessor(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
@@ -305,9 +282,6 @@ def _skinny_dot_kernel(
     w_ptrs = W + n0.to(tl.int64) * stride_wn + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if SWIGLU:
-        up_ptrs = w_ptrs + N * stride_wn
-        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -323,18 +297,10 @@ def _skinny_dot_kernel(
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-        if SWIGLU:
-            up = _load_slab(up_ptrs, mask_n, k0 + offs_k, K, EVEN_N, EVEN_K)
-            if UPCAST:
-                up = up.to(tl.float32)
-            acc_up = tl.dot(up, tl.trans(x), acc_up, input_precision=PRECISION)
-            up_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(Bias + n0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     y_ptrs = Y + offs_m[None, :] * stride_ym + (n0 + offs_n)[:, None]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
@@ -378,37 +344,6 @@ def skinny_matmul(
     _check_inputs(x, weight, bias)
     (m, k), n = x.shape, weight.shape[0]
     config = config if config is not None else pick_config(m, n, k)
-    return _launch(x, weight, bias, config, n, swiglu=False)
-
-
-def skinny_swiglu(
-    x: torch.Tensor,  # [M, K], M <= MAX_M, unit stride in K
-    weight: torch.Tensor,  # [2N, K]: the gate rows, then the up rows (MergedColumnParallelLinear's layout)
-    config: SkinnyConfig | None = None,  # None: swiglu_config(M, 2N, K)
-) -> torch.Tensor:  # [M, N] contiguous, x's dtype
-    """silu(x @ W_gate^T) * (x @ W_up^T) in one pass over W: an MLP's gate/up projection and its SiLU-and-mul
-    as one kernel, both products summed in float32 (the unfused pair rounds them to x's dtype in between)."""
-    _check_inputs(x, weight, None)
-    (m, k), n2 = x.shape, weight.shape[0]
-    if n2 % 2:
-        raise ValueError(f"a gate/up weight has an even number of rows, got {n2}")
-    config = config if config is not None else swiglu_config(m, n2, k)
-    return _launch(x, weight, None, config, n2 // 2, swiglu=True)
-
-
-def swiglu_config(m: int, n2: int, k: int) -> SkinnyConfig:
-    """The plain kernel's config for the [2N, K] weight with half the rows per slab: a program then reads
-    block_n gate rows and block_n up rows, the bytes in flight and shared memory of the plain config."""
-    config = pick_config(m, n2, k)
-    return replace(config, block_n=max(config.block_n // 2, 16 if config.tensor_cores else 1))
-
-
-def _launch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig, n: int,
-    swiglu: bool,
-) -> torch.Tensor:
-    """y[M, n]: the kernel of `config` over W's first n rows (swiglu: and the n after them)."""
-    (m, k) = x.shape
     if not config.tensor_cores and m > 1:
         raise ValueError(f"the CUDA-core kernel ({config.name}) takes one row of x, got {m}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -423,7 +358,7 @@ def _launch(
             x, weight, b, y,
             n, k,
             weight.stride(0),
-            HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k, SWIGLU=swiglu,
+            HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, PDL=pdl,
             num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
         )  # fmt: skip
@@ -436,7 +371,7 @@ def _launch(
         x, weight, b, y,
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k, SWIGLU=swiglu,
+        HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
         BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         UPCAST=upcast, PRECISION=precision, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,

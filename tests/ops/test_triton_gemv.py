@@ -173,31 +173,3 @@ def test_larger_batches_only_where_measured(monkeypatch: pytest.MonkeyPatch) -> 
     assert not triton_gemv.faster_than_cublas(x(MAX_M + 1), w)
     monkeypatch.delitem(triton_gemv.TUNED, (4096, 4096))
     assert triton_gemv.faster_than_cublas(x(1), w) and not triton_gemv.faster_than_cublas(x(2), w)
-
-
-@pytest.mark.parametrize("config", [CUDA_CORES, TENSOR_CORES], ids=["cuda_cores", "tensor_cores"])
-@pytest.mark.parametrize("n, k", [(96, 256), (80, 200)])  # even blocks; ragged N and K
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_is_silu_gate_times_up(config: SkinnyConfig, n: int, k: int, dtype: torch.dtype) -> None:
-    """skinny_swiglu(x, [W_gate; W_up]) = silu(x W_gate^T) * (x W_up^T) from float32 sums, for the rows the
-    kernel takes (one on CUDA cores, a few on tensor cores)."""
-    for m in (1,) if not config.tensor_cores else (1, 5):
-        x = _randn(m, k, dtype=dtype, seed=m)
-        w = _randn(2 * n, k, dtype=dtype, seed=k) / 8
-        y = triton_gemv.skinny_swiglu(x, w, config)
-        gate, up = x.double() @ w[:n].double().T, x.double() @ w[n:].double().T
-        ref = torch.nn.functional.silu(gate) * up
-        assert y.shape == (m, n) and y.dtype == dtype
-        rel = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-        assert rel < MAX_REL_ERR[dtype], (m, rel)
-
-
-def test_swiglu_config_halves_the_slab() -> None:
-    plain = pick_config(1, 28672, 4096)
-    fused = triton_gemv.swiglu_config(1, 28672, 4096)
-    assert fused.block_n * 2 == plain.block_n or fused.block_n == 1
-    assert (fused.block_k, fused.num_stages, fused.tensor_cores) == (plain.block_k, plain.num_stages,
-                                                                     plain.tensor_cores)
-    with pytest.raises(ValueError, match="even number of rows"):
-        triton_gemv.skinny_swiglu(_randn(1, 64, dtype=torch.float32, seed=0),
-                                  _randn(7, 64, dtype=torch.float32, seed=1))
