@@ -78,17 +78,18 @@ def check_backend(
     return float((out - ref).norm() / ref.norm())
 
 
-def check_cascade_groups(num_groups: int = 10, seed: int = 0) -> float:
+def check_cascade_groups(num_groups: int = 10, seed: int = 0, kv_dtype: torch.dtype = torch.bfloat16,
+                         cascade_kernels: str | None = None) -> float:
     """Cascade decode with groups of 1-30 rows sharing 100-3000 tokens and rows of their own (several groups,
-    single rows, the plan's group splitting) against the torch backend: relative error."""
+    single rows, the plan's group splitting) against the torch backend over the same pool: relative error."""
     gen = torch.Generator().manual_seed(seed)
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     sizes = torch.randint(1, 31, (num_groups,), generator=gen).tolist()
     prefixes = torch.randint(100, 3001, (num_groups,), generator=gen).tolist()
     tails = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in sizes]
     slots = 1 + sum(prefixes) + sum(map(sum, tails))
-    k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
-    v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt)]
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype)]
     rows = sum(sizes)
     table = torch.zeros(rows, 4096, dtype=torch.int32)
     next_slot, r = 1, 0
@@ -113,13 +114,15 @@ def check_cascade_groups(num_groups: int = 10, seed: int = 0) -> float:
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
     k = torch.randn(rows, hkv, d, device=dev, dtype=dt)
     v = torch.randn(rows, hkv, d, device=dev, dtype=dt)
-    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
+    fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
+                                    cascade_kernels=cascade_kernels)
     fi.prepare(batch)
     assert fi.num_cascade_steps == 1, "cascade attention did not run"
     out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
     torch.cuda.synchronize()
-    ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])
-    ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch)
+    ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])  # what the pool holds, new tokens included
+    ref = TorchAttentionBackend(*ref_bufs).forward(q.float(), k.float(), v.float(), 0, d**-0.5, batch,
+                                                   kv_stored=True)
     return float((out - ref).norm() / ref.norm())
 
 
@@ -169,33 +172,100 @@ def time_decode(rows: int, context: int, kv_dtype: torch.dtype, layers: int = 32
     return res
 
 
-def time_cascade(rows: int, shared: int, own: int, layers: int = 32) -> dict[str, float]:
-    """One decode step's attention (`layers` layers) over rows sharing a `shared`-token prefix, plain batch
-    decode vs cascade: milliseconds (CUDA events, median of 5) and the KV bytes each reads over the H100's
-    copy rate. The pool holds one copy of the prefix, as the radix tree makes it."""
+def time_cascade(rows: int, shared: int, own: int, layers: int = 32, kv_dtype: torch.dtype = torch.bfloat16,
+                 group_rows: int | None = None) -> dict[str, float]:
+    """One decode step's attention (`layers` layers) over rows sharing a `shared`-token prefix (groups of
+    `group_rows` rows, each with a prefix of its own; default one group), plain batch decode vs cascade on
+    FlashInfer's and on the Triton kernels: milliseconds (CUDA events, median of 5) and the KV bytes each
+    reads over the H100's copy rate. The pool holds one copy of each prefix, as the radix tree makes it."""
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
-    slots = shared + rows * own + 1
-    k_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
-    v_bufs = [torch.randn(slots, hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    group_rows = group_rows or rows
+    groups = rows // group_rows
+    slots = groups * shared + rows * own + 1
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
     table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
-    table[:, :shared] = torch.arange(1, shared + 1, dtype=torch.int32, device=dev)
-    table[:, shared:] = (shared + 1 + torch.arange(rows * own, device=dev)).view(rows, own).to(torch.int32)
+    prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
+    table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
+    own_slots = 1 + groups * shared + torch.arange(rows * own, device=dev)
+    table[:, shared:] = own_slots.view(rows, own).to(torch.int32)
     seq = [shared + own] * rows
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    shared_lens = tuple(0 if r % group_rows == 0 else shared for r in range(rows))
     res: dict[str, float] = {}
-    for name, shared_lens in (("plain", ()), ("cascade", (0,) + (shared,) * (rows - 1))):
+    for name, lens, kernels in (("plain", (), None), ("cascade_flashinfer", shared_lens, "flashinfer"),
+                                ("cascade_triton", shared_lens, "triton")):
         batch = AttentionBatch(
             torch.arange(rows, device=dev), torch.tensor(seq, device=dev, dtype=torch.int32),
             torch.ones(rows, device=dev, dtype=torch.int32),
             torch.arange(rows, device=dev, dtype=torch.int32), table[:, -1].long(), table, tuple(seq),
-            (1,) * rows, True, shared_lens)
-        fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5)
+            (1,) * rows, True, lens)
+        fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
+                                        cascade_kernels=kernels)
         res[f"{name}_ms"] = time_layers(fi, batch, q, hkv, layers)
+        print(name, kv_dtype, res[f"{name}_ms"], flush=True)
         del fi
-    per_token = layers * 2 * hkv * d * 2
+    per_token = layers * 2 * hkv * d * k_bufs[0].element_size()
     res["plain_floor_ms"] = rows * (shared + own) * per_token / 3.0e9
-    res["cascade_floor_ms"] = (shared + rows * own) * per_token / 3.0e9
+    res["cascade_floor_ms"] = (groups * shared + rows * own) * per_token / 3.0e9
     return res
+
+
+def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 2048, own: int = 256,
+                        layers: int = 8) -> list[dict[str, object]]:
+    """The Triton cascade kernels' block_n / num_warps / num_stages over an FP8 pool of the shared-prefix
+    benchmark's shape: milliseconds per `layers` layers for each setting (CUDA events, median of 5)."""
+    from radixserve.ops.attention.cascade import plan_cascade
+    from radixserve.ops.attention.triton_cascade import (
+        cascade_decode_attention,
+        cascade_tensors,
+        cascade_workspace,
+    )
+
+    dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
+    groups = rows // group_rows
+    slots = groups * shared + rows * own + 1
+    kv = torch.float8_e4m3fn
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv) for _ in range(layers)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv) for _ in range(layers)]
+    table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
+    prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
+    table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
+    table[:, shared:] = (1 + groups * shared + torch.arange(rows * own, device=dev)).view(rows, own).int()
+    seq = (shared + own,) * rows
+    plan = plan_cascade(seq, tuple(0 if r % group_rows == 0 else shared for r in range(rows)))
+    assert plan is not None
+    tensors = cascade_tensors(plan, seq, hq, hkv, torch.device(dev),
+                              num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    workspace = cascade_workspace(rows, hq, d, dev)
+    q = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
+    out = []
+    for block_n in (32, 64, 128):
+        for warps in ((4, 4), (8, 4), (4, 2)):
+            for stages in ((2, 2), (3, 3)):
+                def run(block_n=block_n, warps=warps, stages=stages) -> None:  # type: ignore[no-untyped-def]
+                    for layer in range(layers):
+                        cascade_decode_attention(q, k_bufs[layer], v_bufs[layer], table, req_rows, seq_t,
+                                                 d**-0.5, tensors, workspace=workspace, block_n=block_n,
+                                                 num_warps=warps, num_stages=stages)
+                try:
+                    run()
+                except Exception as e:  # a setting past the SM's shared memory or registers
+                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "error": str(e)[:120]})
+                    continue
+                times = []
+                for _ in range(6):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                out.append({"block_n": block_n, "warps": warps, "stages": stages,
+                            "ms_32_layers": statistics.median(times[1:]) * 32 / layers})
+                print(out[-1], flush=True)
+    return out
 
 
 def time_mixed(decode_rows: int, context: int, prompt: int, layers: int = 32) -> dict[str, float]:
@@ -284,6 +354,23 @@ async def main(args: argparse.Namespace) -> None:
         res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
         finish(res, args.out)
         return
+    if args.cascade_kernels:
+        for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
+            for kernels in ("triton", "flashinfer"):
+                res[f"{name}_{kernels}_cascade_groups_rel_err"] = [
+                    check_cascade_groups(seed=seed, kv_dtype=kv_dtype, cascade_kernels=kernels)
+                    for seed in range(3)]
+        res["fp8_e4m3_mixed_cascade_rel_err"] = check_backend(
+            [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048,
+            kv_dtype=torch.float8_e4m3fn)
+        print(res, flush=True)
+        for name, kv_dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("bf16", torch.bfloat16)):
+            res[f"cascade_64x16_{name}_32_layers"] = time_cascade(1024, 2048, 256, kv_dtype=kv_dtype,
+                                                                  group_rows=16)
+        print(res, flush=True)
+        res["triton_cascade_tuning_fp8"] = tune_triton_cascade()
+        finish(res, args.out)
+        return
     res["backend_decode_rel_err"] = check_backend([1, 1, 1, 1], [1, 17, 300, 2048])
     res["backend_extend_rel_err"] = check_backend([5, 300, 1, 64], [5, 1000, 77, 64])
     res["backend_cascade_rel_err"] = check_backend(
@@ -348,6 +435,10 @@ if __name__ == "__main__":
     parser.add_argument("--profile-dir", default=None)
     parser.add_argument("--only-attention", action="store_true", help="the backend checks and timings only")
     parser.add_argument("--pdl-check", action="store_true", help="backend checks, then PDL on/off tokens")
+    parser.add_argument("--cascade-kernels", action="store_true",
+                        help="only cascade decode: FlashInfer's vs the Triton kernels (FP8 and bf16 pools), "
+                             "checked against the torch backend and timed at 64 groups x 16 rows, then the "
+                             "Triton kernels' launch settings")
     parser.add_argument("--decode-kernels", action="store_true",
                         help="only a 128-row FP8 decode step's attention on each decode kernel "
                              "(FlashInfer tensor cores, CUDA cores, Triton)")

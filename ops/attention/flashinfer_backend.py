@@ -8,7 +8,8 @@ runs both, each on its rows: FlashInfer's prefill kernel took ~0.44 ms per decod
 on an H100 (an offline run's step times; a decode step spends ~0.17), since its tiles are sized for the long
 prompt rows. Decode rows that share long cached prefixes (the scheduler says which, in `shared_lens_cpu`) may
 run as cascade attention instead (cascade.py): the prefix level on an FA2 prefill wrapper of its own, the
-rest of each row on a second decode wrapper, merged per layer.
+rest of each row on a second decode wrapper, merged per layer; over an FP8 pool, the Triton cascade kernels
+(triton_cascade.py) instead, which need no FlashInfer plan.
 
 Workspaces: wrappers planned for the same step need their own. A (`workspace`): plain decode, whole-step
 prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompts.
@@ -26,6 +27,13 @@ from typing import Any
 import torch
 
 from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
+from radixserve.ops.attention.triton_cascade import (
+    CASCADE_MIN_SPLIT_LEN,
+    CascadeTensors,
+    cascade_decode_attention,
+    cascade_tensors,
+    cascade_workspace,
+)
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 from radixserve.ops.kv_dtype import FP8_DTYPES
 
@@ -33,6 +41,8 @@ WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
 DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step in one batch prefill (A/B)
 DECODE_CUDA_CORES_ENV = "RADIXSERVE_DECODE_CUDA_CORES"  # =1: decode on FlashInfer's CUDA-core kernels (A/B)
+# Which kernels run cascade decode: "triton" (the default over FP8 pools) or "flashinfer" (over 16-bit ones).
+CASCADE_KERNELS_ENV = "RADIXSERVE_CASCADE_KERNELS"
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -86,6 +96,8 @@ class FlashInferAttentionBackend:
         scale: float,
         dtype: torch.dtype | None = None,  # queries and outputs; None: the pool's (which must not be FP8)
         decode_tensor_cores: bool | None = None,  # None: yes unless RADIXSERVE_DECODE_CUDA_CORES=1
+        cascade_kernels: str | None = None,  # "triton" | "flashinfer"; None: RADIXSERVE_CASCADE_KERNELS, else
+        # triton over FP8 pools, flashinfer over 16-bit ones
     ) -> None:
         import flashinfer
 
@@ -126,6 +138,16 @@ class FlashInferAttentionBackend:
             self.extend_workspace, "NHD", backend=prefill_backend)
         self._wrapper: Any = None  # the decode rows' wrapper, or the whole step's
         self._cascade = False  # the decode rows run as cascade (prefix_prefill + suffix_decode)
+        # ... or as Triton cascade: this step's plan on the device, its workspace and the decode rows' batch
+        self._triton_cascade: tuple[CascadeTensors, tuple[torch.Tensor, torch.Tensor], AttentionBatch] | None
+        self._triton_cascade = None
+        default_kernels = "triton" if self.kv_dtype in FP8_DTYPES else "flashinfer"
+        kernels = cascade_kernels or os.environ.get(CASCADE_KERNELS_ENV, default_kernels)
+        if kernels not in ("triton", "flashinfer"):
+            raise ValueError(f"cascade kernels ({CASCADE_KERNELS_ENV}) must be 'triton' or 'flashinfer', "
+                             f"not {kernels!r}")
+        self.cascade_on_triton = kernels == "triton"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._split = 0  # a mixed step's decode rows (they run apart from its prompt rows); 0: not split
         self.cascade_enabled = os.environ.get(DISABLE_CASCADE_ENV, "0") != "1"
         self.split_mixed_steps = os.environ.get(DISABLE_MIXED_SPLIT_ENV, "0") != "1"
@@ -135,8 +157,8 @@ class FlashInferAttentionBackend:
 
     def _load_cascade_kernels(self) -> None:
         """Run cascade attention once on the padding slot 0 (two rows sharing it), so that FlashInfer
-        compiles or loads the FA2 prefill module at startup: otherwise the first shared-prefix step of a
-        server waits for its JIT (seen inside benchmark runs on a fresh H100: ~10 s)."""
+        compiles or loads the FA2 prefill module (or Triton its kernels) at startup: otherwise the first
+        shared-prefix step of a server waits for the JIT (seen in benchmark runs on a fresh H100: ~10 s)."""
         dev, rows = self.device, 2
         batch = AttentionBatch(
             req_rows=torch.arange(rows, device=dev),
@@ -148,11 +170,11 @@ class FlashInferAttentionBackend:
             seq_lens_cpu=(3, 3), extend_lens_cpu=(1, 1), is_decode=True, shared_lens_cpu=(0, 2),
         )
         plan = CascadePlan(group_starts=(0, rows), prefix_lens=(2,), row_prefix_lens=(2, 2), saved_tokens=2)
-        self._plan_cascade(batch, plan)
+        self._set_cascade(batch, plan)
         q = torch.zeros(rows, self.num_q_heads, self.head_dim, dtype=self.dtype, device=dev)
         kv = q[:, : self.num_kv_heads]
         self.forward(q, kv, kv, 0, self.scale, batch, kv_stored=True)  # reads slot 0, writes no KV
-        self._cascade, self.num_cascade_steps = False, 0
+        self._cascade, self._triton_cascade, self.num_cascade_steps = False, None, 0
 
     def make_graph_decode_wrapper(
         self, bs: int, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor
@@ -174,7 +196,7 @@ class FlashInferAttentionBackend:
         self._wrapper = wrapper
 
     def prepare(self, batch: AttentionBatch) -> None:
-        self._cascade, self._split = False, 0
+        self._cascade, self._triton_cascade, self._split = False, None, 0
         d = batch.num_leading_decode_rows
         if d == batch.num_rows:
             self._prepare_decode(batch)
@@ -196,7 +218,7 @@ class FlashInferAttentionBackend:
         if batch.shared_lens_cpu and self.cascade_enabled:
             cascade = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
             if cascade is not None:
-                self._plan_cascade(batch, cascade)
+                self._set_cascade(batch, cascade)
                 return
         indices = gather_kv_indices(batch, sum(batch.seq_lens_cpu)).to(torch.int32)
         self.plan_decode(self.decode, batch, indices)
@@ -209,6 +231,16 @@ class FlashInferAttentionBackend:
             self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.scale,
             q_data_type=self.dtype, kv_data_type=self.kv_dtype,
         )
+
+    def _set_cascade(self, batch: AttentionBatch, plan: CascadePlan) -> None:
+        if self.cascade_on_triton:
+            tensors = cascade_tensors(plan, batch.seq_lens_cpu, self.num_q_heads, self.num_kv_heads,
+                                      self.device, num_sms=self.num_sms)
+            workspace = cascade_workspace(batch.num_rows, self.num_q_heads, self.head_dim, self.device)
+            self._triton_cascade = (tensors, workspace, batch)
+            self.num_cascade_steps += 1
+        else:
+            self._plan_cascade(batch, plan)
 
     def _plan_cascade(self, batch: AttentionBatch, plan: CascadePlan) -> None:
         G, B = plan.num_groups, batch.num_rows
@@ -256,16 +288,24 @@ class FlashInferAttentionBackend:
         kv = (k_buf.view(shape), v_buf.view(shape))
         q = q.contiguous()
         if not self._split:
-            return self._attend_decode(q, kv, None) if self._cascade else self._wrapper.run(q, kv)
+            if self._cascade or self._triton_cascade:
+                return self._attend_decode(q, kv, layer_id, None)
+            return self._wrapper.run(q, kv)
         d = self._split
         out = torch.empty_like(q)
-        self._attend_decode(q[:d], kv, out[:d])
+        self._attend_decode(q[:d], kv, layer_id, out[:d])
         self.extend_prefill.run(q[d:], kv, out=out[d:])
         return out
 
-    def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None
-                       ) -> torch.Tensor:
+    def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer_id: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         """The decode rows' attention, plain or cascade, into `out` (a fresh tensor when None)."""
+        if self._triton_cascade is not None:
+            tensors, workspace, rows = self._triton_cascade
+            return cascade_decode_attention(
+                q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
+                rows.seq_lens, self.scale, tensors, min_split_len=CASCADE_MIN_SPLIT_LEN, workspace=workspace,
+                out=out)
         if not self._cascade:
             return self._wrapper.run(q, kv, out=out)
         out, lse = self.prefix_prefill.run(q, kv, out=out, return_lse=True)

@@ -2,7 +2,8 @@
 
 Each layer stores its new K/V into the pool (one Triton store kernel), then runs split-KV decode when every
 row decodes one token, else the extend kernel (which also serves mixed steps: a decode row is an extend row of
-length 1). Sizes come from the batch's *_cpu tuples; nothing waits for the device.
+length 1). Decode rows sharing long cached prefixes run as cascade attention (triton_cascade.py), planned once
+a step in `prepare`. Sizes come from the batch's *_cpu tuples; nothing waits for the device.
 
 CUDA graphs (decode). A graph bakes in grids and pointers, so a graph runner must keep static:
   - the tensors of the AttentionBatch (req_rows, seq_lens, out_slots, req_to_token) and q/k/v: same storage,
@@ -22,6 +23,14 @@ from __future__ import annotations
 import torch
 import triton
 
+from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
+from radixserve.ops.attention.triton_cascade import (
+    MAX_LEVEL_SPLITS,
+    CascadeTensors,
+    cascade_decode_attention,
+    cascade_tensors,
+    cascade_workspace,
+)
 from radixserve.ops.attention.triton_ops import (
     decode_attention,
     decode_head_groups,
@@ -46,6 +55,7 @@ class TritonAttentionBackend:
         max_kv_splits: int = 16,
         min_split_len: int = 128,
         num_sms: int | None = None,
+        cascade: bool = True,
     ) -> None:
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError("need one K and one V buffer per layer")
@@ -64,6 +74,12 @@ class TritonAttentionBackend:
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else 4
         self.num_sms = num_sms
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        # This step's cascade plan (host), and its device tensors and workspace, built at the first layer.
+        self._cascade_plan: CascadePlan | None = None
+        self._planned: AttentionBatch | None = None  # the batch it was planned for
+        self._cascade: tuple[CascadeTensors, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cascade_enabled = cascade
+        self.num_cascade_steps = 0
 
     def reserve_decode_workspace(self, max_rows: int, num_q_heads: int) -> None:
         """Allocate the split-KV scratch once, for up to max_rows decode rows (CUDA graphs point to it)."""
@@ -81,7 +97,12 @@ class TritonAttentionBackend:
         return max(1, min(splits, self.max_kv_splits))
 
     def prepare(self, batch: AttentionBatch) -> None:
-        pass
+        """Plan cascade attention for a decode step whose rows share cached prefixes (eager steps only: CUDA
+        graphs run plain decode)."""
+        self._cascade_plan, self._cascade, self._planned = None, None, batch
+        if self.cascade_enabled and batch.is_decode and batch.shared_lens_cpu:
+            self._cascade_plan = plan_cascade(batch.seq_lens_cpu, batch.shared_lens_cpu)
+            self.num_cascade_steps += self._cascade_plan is not None
 
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return None
@@ -119,6 +140,8 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         num_rows, num_q_heads = q.shape[0], q.shape[1]
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self._cascade_plan is not None and batch is self._planned and not capturing:
+            return self._cascade_decode(q, k_buf, v_buf, scale, batch, self._cascade_plan)
         max_seq_len = None if capturing else max(batch.seq_lens_cpu, default=0)
         splits = self.num_kv_splits(num_rows, num_q_heads, max_seq_len)
         workspace = self._workspace
@@ -136,3 +159,18 @@ class TritonAttentionBackend:
             min_split_len=self.min_split_len,
             workspace=workspace,
         )
+
+    def _cascade_decode(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, scale: float, batch: AttentionBatch,
+        plan: CascadePlan,
+    ) -> torch.Tensor:
+        if self._cascade is None:  # the step's first layer: one host->device copy, one workspace
+            tensors = cascade_tensors(
+                plan, batch.seq_lens_cpu, q.shape[1], self.num_kv_heads, q.device, num_sms=self.num_sms,
+                min_split_len=self.min_split_len, max_splits=min(self.max_kv_splits, MAX_LEVEL_SPLITS))
+            workspace = cascade_workspace(q.shape[0], q.shape[1], self.head_dim, q.device)
+            self._cascade = (tensors, workspace)
+        tensors, workspace = self._cascade
+        return cascade_decode_attention(
+            q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens, scale, tensors,
+            min_split_len=self.min_split_len, workspace=workspace)

@@ -13,6 +13,13 @@ Decode, two kernels (grid sizes are host ints, so both are CUDA-graph safe):
     Each row uses min(num_splits, cdiv(seq_len, min_split_len)) of the splits, decided on the device, so short
     rows of a mixed batch are not cut into slivers; unused splits write lse = -inf and weigh nothing.
 
+Cascade decode (ops/attention/cascade.py, rows sharing a cached prefix) fills the same workspace from two
+kernels, then runs the same reduce over all S0 + S1 splits:
+
+    level 0, grid (blocks, Hkv, S0):  one program = the queries of up to BLOCK_M // GROUP rows of a group (all
+             q heads of one kv head) x one chunk of the group's prefix: splits 0 .. S0-1
+    level 1, the decode kernel from each row's kv_start (where its group's prefix ends): splits S0 .. S0+S1-1
+
 Extend, grid (B, Hq, cdiv(max_extend_len, BLOCK_M)): one program = BLOCK_M new queries of one row and head,
 an online softmax over keys 0 .. prefix_len + last query, causal within the new tokens:
 
@@ -35,18 +42,72 @@ MIN_HEAD_BLOCK = 16  # tl.dot needs at least 16 rows: a head group is padded up 
 MAX_HEAD_BLOCK = 16  # q heads sharing one kv head that one decode program handles at most
 
 
+@triton.jit
+def _attend_keys(
+    q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head,
+    stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of the queries q [M, BLOCK_D] over keys start .. end-1 of one kv head (slots from
+    `table`), unmasked: (m_i, l_i, acc) carried in base 2, acc not yet divided by l_i."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # int64: slot * slot_stride passes 2**31 in large pools.
+        slots = tl.load(table + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(
+    MidO, MidLse, rows, heads, mask, slot, m_i, l_i, acc,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One split's partial result of queries (rows, heads) [M]: o = acc / l and its base-2 lse, at `slot`.
+    An empty split (no keys: a short row) stores o = 0, lse = -inf, which weighs nothing in the reduce."""
+    offs_d = tl.arange(0, BLOCK_D)
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+    rows = rows.to(tl.int64)
+    heads = heads.to(tl.int64)
+    mo_ptrs = MidO + rows[:, None] * stride_mo_b + heads[:, None] * stride_mo_h + slot * stride_mo_s
+    o_mask = mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(mo_ptrs + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
+    tl.store(MidLse + rows * stride_ml_b + heads * stride_ml_h + slot, lse, mask=mask)
+
+
 # Split counts vary from step to step: not specializing on them (Triton specializes ints equal to 1 or
 # divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture.
-@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
+@triton.jit(do_not_specialize=["num_splits", "min_split_len", "split_base"])
 def _decode_split_kernel(
-    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, MidO, MidLse,
+    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse,
     qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    num_splits, min_split_len,
+    num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS  # HEADS q heads per program, all within one kv head's group
@@ -58,11 +119,15 @@ def _decode_split_kernel(
     mask_d = offs_d < HEAD_DIM
 
     seq_len = tl.load(SeqLens + b)
+    kv_start = 0
+    if HAS_START:  # cascade level 1: the row's keys from kv_start on (the rest is its group's prefix)
+        kv_start = tl.load(KvStarts + b)
     table = ReqToToken + tl.load(ReqRows + b).to(tl.int64) * stride_rt
     # This row's share of the grid's splits, and the chunk of keys this split owns (BLOCK_N aligned).
-    row_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_len)), 1)
-    chunk = tl.cdiv(tl.cdiv(seq_len, row_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    num_keys = seq_len - kv_start
+    row_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(num_keys, min_split_len)), 1)
+    chunk = tl.cdiv(tl.cdiv(num_keys, row_splits), BLOCK_N) * BLOCK_N
+    start = kv_start + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     q_ptrs = Q + b.to(tl.int64) * stride_qt + (head0 + offs_h)[:, None] * stride_qh + offs_d[None, :]
@@ -72,36 +137,60 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        # int64: slot * slot_stride passes 2**31 in large pools.
-        slots = tl.load(table + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k_ptrs = KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
+        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+    _store_partial(
+        MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
+        stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
 
-    # An empty split (start >= end: a short row, or seq_len 0) stores o = 0, lse = -inf: weight 0 in stage 2.
-    nonempty = l_i > 0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
-    heads = (head0 + offs_h).to(tl.int64)
-    mo_ptrs = MidO + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s + offs_d[None, :]
-    tl.store(mo_ptrs, acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(MidLse + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_h)
+
+# Cascade level 0 (ops/attention/cascade.py): the queries of up to BLOCK_M // GROUP rows of one group, every
+# q head of one kv head, against one chunk of the group's shared prefix, each prefix tile loaded once for
+# them all. Blocks [4, num_blocks] int32: first row, rows, the group's first row (whose table row holds the
+# prefix slots), prefix length.
+@triton.jit(do_not_specialize=["num_blocks", "num_splits"])
+def _prefix_split_kernel(
+    Q, KBuf, VBuf, ReqToToken, ReqRows, Blocks, MidO, MidLse,
+    qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    num_blocks, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row0 = tl.load(Blocks + blk)
+    num_rows = tl.load(Blocks + num_blocks + blk)
+    first = tl.load(Blocks + 2 * num_blocks + blk)
+    prefix_len = tl.load(Blocks + 3 * num_blocks + blk)
+
+    offs_m = tl.arange(0, BLOCK_M)  # query m: row row0 + m // GROUP, q head kv_head * GROUP + m % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = row0 + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    mask_m = offs_m // GROUP < num_rows
+    mask_d = offs_d < HEAD_DIM
+    q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    table = ReqToToken + tl.load(ReqRows + first).to(tl.int64) * stride_rt
+    chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, prefix_len)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
+        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+    _store_partial(
+        MidO, MidLse, rows, heads, mask_m, split, m_i, l_i, acc,
+        stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -111,11 +111,28 @@ def decode_attention(
         raise ValueError(f"num_splits ({num_splits}) and min_split_len ({min_split_len}) must be >= 1")
     if workspace is None:
         workspace = decode_workspace(num_rows, num_q_heads, head_dim, num_splits, q.device)
+    check_workspace(workspace, num_rows, num_q_heads, head_dim, num_splits)
+    if out is None:
+        out = torch.empty((num_rows, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    if num_rows == 0:
+        return out
+
+    decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, scale, num_splits, 0,
+                  min_split_len, workspace, block_n)
+    reduce_splits(workspace, out, num_splits)
+    return out
+
+
+def check_workspace(
+    workspace: tuple[torch.Tensor, torch.Tensor], num_rows: int, num_q_heads: int, head_dim: int, splits: int
+) -> None:
     mid_o, mid_lse = workspace
     if (
         mid_o.shape[0] < num_rows
         or mid_o.shape[1:] != (num_q_heads, mid_o.shape[2], head_dim)
-        or mid_o.shape[2] < num_splits
+        or mid_o.shape[2] < splits
         or mid_lse.shape != mid_o.shape[:3]
         or mid_o.stride(-1) != 1
         or mid_lse.stride(-1) != 1
@@ -124,37 +141,48 @@ def decode_attention(
     ):
         raise ValueError(
             f"workspace {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} does not fit {num_rows} rows, "
-            f"{num_q_heads} heads, {num_splits} splits, head_dim {head_dim}"
+            f"{num_q_heads} heads, {splits} splits, head_dim {head_dim}"
         )
-    if out is None:
-        out = torch.empty((num_rows, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
-    if num_rows == 0:
-        return out
 
-    heads, head_programs = decode_head_groups(num_q_heads, k_buf.shape[1])
-    block_d = triton.next_power_of_2(head_dim)
+
+def decode_splits(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
+    req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
+    num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
+    block_n: int, num_warps: int = 4, num_stages: int = 2,
+) -> None:
+    """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
+    split_base .. split_base + num_splits - 1. Inputs already checked."""
+    mid_o, mid_lse = workspace
+    heads, head_programs = decode_head_groups(q.shape[1], k_buf.shape[1])
     upcast, precision = _dot_mode(q.dtype)
-    _decode_split_kernel[(num_rows, head_programs, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, mid_o, mid_lse,
+    _decode_split_kernel[(q.shape[0], head_programs, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, seq_lens if kv_starts is None else kv_starts,
+        mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        num_splits, min_split_len,
-        GROUP=num_q_heads // k_buf.shape[1], HEADS=heads, HEAD_DIM=head_dim,
-        BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast, PRECISION=precision, num_warps=4, num_stages=2,
+        num_splits, min_split_len, split_base,
+        GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
+        BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
+        UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _decode_reduce_kernel[(num_rows, num_q_heads)](
+
+
+def reduce_splits(workspace: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, num_splits: int) -> None:
+    """Stage 2 of decode: out[b, h] = the lse-weighted sum of splits 0 .. num_splits-1 of row b, head h. The
+    workspace's split width, not num_splits, fixes the compiled variant (one per width)."""
+    mid_o, mid_lse = workspace
+    _decode_reduce_kernel[(out.shape[0], out.shape[1])](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_splits,
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(mid_o.shape[2]), BLOCK_D=block_d, num_warps=4,
+        HEAD_DIM=out.shape[2], BLOCK_S=triton.next_power_of_2(mid_o.shape[2]),
+        BLOCK_D=triton.next_power_of_2(out.shape[2]), num_warps=4,
     )  # fmt: skip
-    return out
 
 
 def extend_attention(

@@ -1,0 +1,154 @@
+"""Cascade decode attention on the Triton kernels: the shared prefix read once per group of rows.
+
+A CascadePlan (cascade.py, host) becomes CascadeTensors once per step: level 0's blocks of rows and each row's
+first level-1 key, copied to the device in one non-blocking copy from pinned memory (a copy from pageable
+memory would wait for the step in flight, the host gap FlashInfer's plan costs a large eager step). Each layer
+then runs three kernels (triton_kernels.py): the prefix kernel over the blocks, split decode over each row's
+own keys, and the reduce over both levels' splits. No merge kernel: both levels write partial results to one
+workspace.
+
+This is the FP8 pools' cascade on the GPU: FlashInfer's cascade runs both levels on FA2's prefill kernels,
+which widen one-byte pages slowly (a 1,000-row shared-prefix step spent 24 ms of ~55 in them on an H200).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from radixserve.ops.attention.cascade import CascadePlan
+from radixserve.ops.attention.triton_kernels import LOG2E, _prefix_split_kernel
+from radixserve.ops.attention.triton_ops import (
+    _check_pool,
+    _dot_mode,
+    check_workspace,
+    decode_head_groups,
+    decode_splits,
+    decode_workspace,
+    reduce_splits,
+)
+
+PREFIX_BLOCK_M = 64  # level-0 queries a program holds: 16 rows of a GQA-4 group (each prefix tile read once)
+MAX_LEVEL_SPLITS = 4  # per level; the workspace is 2 * 4 splits wide, one reduce variant for every step
+CASCADE_MIN_SPLIT_LEN = 128  # keys: no split shorter
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeTensors:
+    """One step's cascade plan on the device, and its grid sizes."""
+
+    blocks: torch.Tensor  # [4, num_blocks] int32: first row, rows, the group's first row, prefix length
+    kv_starts: torch.Tensor  # [B] int32: row b's first level-1 key (its group's prefix length)
+    prefix_splits: int  # S0: level-0 splits of each block's prefix
+    suffix_splits: int  # S1: level-1 splits of each row's own keys
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.blocks.shape[1])
+
+    @property
+    def num_splits(self) -> int:
+        return self.prefix_splits + self.suffix_splits
+
+
+def _splits(programs: int, longest: int, num_sms: int, min_split_len: int, max_splits: int) -> int:
+    """About two waves of programs over the SMs, no split shorter than min_split_len keys."""
+    splits = min(triton.cdiv(2 * num_sms, max(programs, 1)), triton.cdiv(longest, min_split_len), max_splits)
+    return max(1, splits)
+
+
+def cascade_tensors(
+    plan: CascadePlan, seq_lens: tuple[int, ...], num_q_heads: int, num_kv_heads: int, device: torch.device,
+    *, num_sms: int, min_split_len: int = CASCADE_MIN_SPLIT_LEN, max_splits: int = MAX_LEVEL_SPLITS,
+) -> CascadeTensors:
+    """The step's CascadeTensors: each group cut into blocks of PREFIX_BLOCK_M // GQA rows."""
+    group = num_q_heads // num_kv_heads
+    if group > PREFIX_BLOCK_M:
+        raise ValueError(f"cascade attention takes at most {PREFIX_BLOCK_M} q heads per kv head, not {group}")
+    rows_per_block = PREFIX_BLOCK_M // group
+    firsts: list[int] = []
+    counts: list[int] = []
+    owners: list[int] = []
+    lens: list[int] = []
+    for g, prefix_len in enumerate(plan.prefix_lens):
+        start, end = plan.group_starts[g], plan.group_starts[g + 1]
+        for row0 in range(start, end, rows_per_block):
+            firsts.append(row0)
+            counts.append(min(rows_per_block, end - row0))
+            owners.append(start)
+            lens.append(prefix_len)
+    host = firsts + counts + owners + lens + list(plan.row_prefix_lens)
+    packed = torch.tensor(host, dtype=torch.int32)
+    if device.type == "cuda":  # the caching host allocator keeps the pinned block until the copy has run
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    nb = len(firsts)
+    _, head_programs = decode_head_groups(num_q_heads, num_kv_heads)
+    suffix_lens = plan.suffix_lens(seq_lens)
+    return CascadeTensors(
+        blocks=packed[: 4 * nb].view(4, nb),
+        kv_starts=packed[4 * nb :],
+        prefix_splits=_splits(nb * num_kv_heads, max(plan.prefix_lens), num_sms, min_split_len, max_splits),
+        suffix_splits=_splits(len(seq_lens) * head_programs, max(suffix_lens), num_sms, min_split_len,
+                              max_splits),
+    )
+
+
+def cascade_workspace(
+    num_rows: int, num_q_heads: int, head_dim: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's partial results: room for both levels' splits at most (see decode_workspace)."""
+    return decode_workspace(num_rows, num_q_heads, head_dim, 2 * MAX_LEVEL_SPLITS, device)
+
+
+def cascade_decode_attention(
+    q: torch.Tensor,  # [B, Hq, d]: one query per row
+    k_buf: torch.Tensor,  # [num_slots, Hkv, d]
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,  # [max_rows, max_context] int32
+    req_rows: torch.Tensor,  # [B]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    cascade: CascadeTensors,
+    *,
+    min_split_len: int = CASCADE_MIN_SPLIT_LEN,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: tuple[int, int] = (4, 4),  # level 0, level 1
+    num_stages: tuple[int, int] = (2, 2),
+) -> torch.Tensor:  # [B, Hq, d]
+    """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
+    row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
+    are for tuning (benchmarks/check_gpu_path.py --cascade-kernels)."""
+    _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    num_rows, num_q_heads, head_dim = q.shape
+    if cascade.kv_starts.shape != (num_rows,):
+        raise ValueError(f"the cascade plan has {cascade.kv_starts.shape[0]} rows, the step {num_rows}")
+    s0, splits = cascade.prefix_splits, cascade.num_splits
+    if workspace is None:
+        workspace = decode_workspace(num_rows, num_q_heads, head_dim, splits, q.device)
+    check_workspace(workspace, num_rows, num_q_heads, head_dim, splits)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    mid_o, mid_lse = workspace
+    group = num_q_heads // k_buf.shape[1]
+    upcast, precision = _dot_mode(q.dtype)
+    _prefix_split_kernel[(cascade.num_blocks, k_buf.shape[1], s0)](
+        q, k_buf, v_buf, req_to_token, req_rows, cascade.blocks, mid_o, mid_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        cascade.num_blocks, s0,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), UPCAST=upcast, PRECISION=precision,
+        num_warps=num_warps[0], num_stages=num_stages[0],
+    )  # fmt: skip
+    decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
+                  cascade.suffix_splits, s0, min_split_len, workspace, block_n, num_warps[1], num_stages[1])
+    reduce_splits(workspace, out, splits)
+    return out

@@ -1,0 +1,169 @@
+"""Triton cascade decode attention (triton_cascade.py) against float64 attention over each row's whole
+sequence, in Triton's interpreter (TRITON_INTERPRET=0 on a CUDA machine runs the compiled kernels).
+
+Rows of a group point at the same prefix slots in req_to_token, as the radix tree hands them out; every row
+also has keys of its own. The cases cut level 0 and level 1 into several splits and tiles, put more rows in
+a group than one prefix program holds, and include a row in no group."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed or fails to import", exc_type=ImportError)
+
+from radixserve.memory.kv_pool import KVCache, ReqToTokenTable  # noqa: E402
+from radixserve.ops.attention import cascade  # noqa: E402
+from radixserve.ops.attention.cascade import CascadePlan  # noqa: E402
+from radixserve.ops.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from radixserve.ops.attention.triton_cascade import (  # noqa: E402
+    PREFIX_BLOCK_M,
+    cascade_decode_attention,
+    cascade_tensors,
+)
+from radixserve.ops.forward_batch import AttentionBatch  # noqa: E402
+from radixserve.ops.triton_launch import interpreting  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is off and there is no CUDA device", allow_module_level=True)
+
+LAYER, HEAD_DIM = 0, 64
+
+
+class SharedPrefixCase:
+    """groups: (prefix_len, [own keys of each row]); a prefix of 0 is a row in no group (own keys only)."""
+
+    def __init__(self, groups: list[tuple[int, list[int]]], q_heads: int, kv_heads: int, dtype: torch.dtype,
+                 kv_dtype: torch.dtype, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        rows = [(p, own) for p, owns in groups for own in owns]
+        total = sum(p for p, _ in groups) + sum(own for _, own in rows)
+        self.cache = KVCache(1, total + 1, kv_heads, HEAD_DIM, kv_dtype, DEVICE)
+        k = torch.randn(total + 1, kv_heads, HEAD_DIM, generator=g)
+        v = torch.randn(total + 1, kv_heads, HEAD_DIM, generator=g)
+        self.cache.store(LAYER, torch.arange(total + 1, device=DEVICE), k.to(dtype).to(DEVICE),
+                         v.to(dtype).to(DEVICE))
+        free = (torch.randperm(total, generator=g) + 1).tolist()  # slot 0 is padding
+        longest = max(p + o for p, o in rows)
+        table = ReqToTokenTable(max_rows=len(rows) + 2, max_context=longest, device=DEVICE)
+        req_rows = torch.randperm(table.max_rows, generator=g)[: len(rows)]
+        self.slots: list[torch.Tensor] = []
+        shared, seq_lens, r = [], [], 0
+        for prefix_len, owns in groups:
+            prefix = [free.pop() for _ in range(prefix_len)]
+            for i, own in enumerate(owns):
+                slots = torch.tensor(prefix + [free.pop() for _ in range(own)])
+                table.write(torch.full((len(slots),), int(req_rows[r])), torch.arange(len(slots)),
+                            slots.to(DEVICE))
+                self.slots.append(slots)
+                shared.append(prefix_len if i else 0)
+                seq_lens.append(len(slots))
+                r += 1
+        self.batch = AttentionBatch(
+            req_rows=req_rows.long().to(DEVICE),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            extend_lens=torch.ones(len(rows), dtype=torch.int32, device=DEVICE),
+            extend_starts=torch.arange(len(rows), dtype=torch.int32, device=DEVICE),
+            out_slots=torch.tensor([int(s[-1]) for s in self.slots], device=DEVICE),
+            req_to_token=table.table, seq_lens_cpu=tuple(seq_lens), extend_lens_cpu=(1,) * len(rows),
+            is_decode=True, shared_lens_cpu=tuple(shared),
+        )
+        self.q = torch.randn(len(rows), q_heads, HEAD_DIM, generator=g).to(dtype).to(DEVICE)
+        self.dtype, self.scale = dtype, HEAD_DIM**-0.5
+
+    def check(self, out: torch.Tensor) -> None:
+        """Against float64 attention over what the pool holds for each row's slots."""
+        assert out.shape == self.q.shape and out.dtype == self.dtype
+        k_buf, v_buf = self.cache.k_buffers[LAYER], self.cache.v_buffers[LAYER]
+        group = self.q.shape[1] // k_buf.shape[1]
+        for b, slots in enumerate(self.slots):
+            k = k_buf[slots.to(DEVICE)].to(self.dtype).double().cpu().repeat_interleave(group, 1)
+            v = v_buf[slots.to(DEVICE)].to(self.dtype).double().cpu().repeat_interleave(group, 1)
+            scores = torch.einsum("hd,shd->hs", self.q[b].double().cpu(), k) * self.scale
+            expected = torch.einsum("hs,shd->hd", scores.softmax(-1), v)
+            got = out[b].double().cpu()
+            if self.dtype == torch.float32:
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            else:
+                assert ((got - expected).norm() / expected.norm()).item() < 1e-2, b
+
+
+def _plan(case: SharedPrefixCase) -> CascadePlan:
+    """Level 0 per group as the case built them (plan_cascade would refuse shapes this small)."""
+    starts, prefixes, row_prefix, first = [], [], [], 0
+    seq_lens = case.batch.seq_lens_cpu
+    shared = case.batch.shared_lens_cpu
+    for b in range(1, len(seq_lens) + 1):
+        if b < len(seq_lens) and shared[b]:
+            continue
+        p = shared[first + 1] if b - first > 1 else seq_lens[first] - 1
+        starts.append(first)
+        prefixes.append(p)
+        row_prefix += [p] * (b - first)
+        first = b
+    return CascadePlan(tuple(starts) + (len(seq_lens),), tuple(prefixes), tuple(row_prefix), saved_tokens=0)
+
+
+GROUPS = [(70, [1, 9, 30, 2, 17]), (0, [45]), (33, [5] * 21), (100, [1, 2])]
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(8, 2), (6, 2), (2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    case = SharedPrefixCase(GROUPS, q_heads, kv_heads, dtype, dtype, seed=q_heads)
+    plan = _plan(case)
+    tensors = cascade_tensors(plan, case.batch.seq_lens_cpu, q_heads, kv_heads, torch.device(DEVICE),
+                              num_sms=64, min_split_len=16, max_splits=4)
+    assert tensors.prefix_splits > 1 and tensors.suffix_splits > 1  # both levels really split
+    if q_heads // kv_heads == 4:
+        assert tensors.num_blocks > len(plan.prefix_lens)  # the 21-row group takes two prefix programs
+        assert PREFIX_BLOCK_M // 4 < 21
+    k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
+    b = case.batch
+    out = cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens, case.scale,
+                                   tensors, min_split_len=16, block_n=16)
+    case.check(out)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
+    case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=5)
+    tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=8,
+                              min_split_len=64, max_splits=16)
+    k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
+    b = case.batch
+    case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
+                                        case.scale, tensors, min_split_len=64))
+
+
+def test_backend_runs_cascade_where_the_plan_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend plans cascade from shared_lens_cpu in `prepare` and uses it for that batch only."""
+    monkeypatch.setattr(cascade, "MIN_SAVED_TOKENS", 16)
+    case = SharedPrefixCase(GROUPS, 8, 2, torch.float32, torch.float32, seed=7)
+    backend = TritonAttentionBackend(case.cache.k_buffers, case.cache.v_buffers, min_split_len=16, num_sms=16)
+    backend.prepare(case.batch)
+    assert backend.num_cascade_steps == 1
+    k_new = case.cache.k_buffers[LAYER][case.batch.out_slots]
+    v_new = case.cache.v_buffers[LAYER][case.batch.out_slots]
+    case.check(backend.forward(case.q, k_new, v_new, LAYER, case.scale, case.batch))
+    assert backend._cascade is not None  # the plan's tensors were built and used
+    # another batch (a CUDA-graph warm-up, say) with no prepare of its own runs plain decode
+    other = AttentionBatch(*(getattr(case.batch, f) for f in AttentionBatch.__slots__))
+    backend._cascade = None
+    case.check(backend.forward(case.q, k_new, v_new, LAYER, case.scale, other))
+    assert backend._cascade is None
+
+
+def test_rejects_a_plan_for_other_rows() -> None:
+    case = SharedPrefixCase(GROUPS[:1], 4, 2, torch.float32, torch.float32, seed=1)
+    tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 4, 2, torch.device(DEVICE), num_sms=4,
+                              min_split_len=16, max_splits=2)
+    b = case.batch
+    with pytest.raises(ValueError, match="cascade plan has 5 rows"):
+        cascade_decode_attention(case.q[:4], case.cache.k_buffers[0], case.cache.v_buffers[0], b.req_to_token,
+                                 b.req_rows[:4], b.seq_lens[:4], case.scale, tensors)
