@@ -240,31 +240,29 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     workspace = cascade_workspace(rows, hq, d, dev)
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
     seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
-    out = []
-    for block_n in (32, 64, 128):
-        for warps in ((4, 4), (8, 4), (4, 2)):
-            for stages in ((2, 2), (3, 3)):
-                def run(block_n=block_n, warps=warps, stages=stages) -> None:  # type: ignore[no-untyped-def]
-                    for layer in range(layers):
-                        cascade_decode_attention(q, k_bufs[layer], v_bufs[layer], table, req_rows, seq_t,
-                                                 d**-0.5, tensors, workspace=workspace, block_n=block_n,
-                                                 num_warps=warps, num_stages=stages)
-                try:
-                    run()
-                except Exception as e:  # a setting past the SM's shared memory or registers
-                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "error": str(e)[:120]})
-                    continue
-                times = []
-                for _ in range(6):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    run()
-                    end.record()
-                    torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
-                out.append({"block_n": block_n, "warps": warps, "stages": stages,
-                            "ms_32_layers": statistics.median(times[1:]) * 32 / layers})
-                print(out[-1], flush=True)
+    out: list[dict[str, object]] = []
+    for block_n, warps, stages, heads_fastest in (
+        (64, (4, 4), (2, 2), False), (64, (4, 4), (2, 2), True), (128, (4, 4), (2, 2), False),
+        (128, (4, 4), (2, 2), True), (128, (4, 4), (3, 3), True), (128, (8, 4), (2, 2), True),
+        (32, (4, 2), (2, 2), True), (64, (4, 2), (3, 3), True),
+    ):
+        def run(block_n=block_n, warps=warps, stages=stages, hf=heads_fastest) -> None:  # type: ignore[no-untyped-def]
+            for layer in range(layers):
+                cascade_decode_attention(q, k_bufs[layer], v_bufs[layer], table, req_rows, seq_t, d**-0.5,
+                                         tensors, workspace=workspace, block_n=block_n, num_warps=warps,
+                                         num_stages=stages, heads_fastest=hf)
+        run()
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        out.append({"block_n": block_n, "warps": warps, "stages": stages, "heads_fastest": heads_fastest,
+                    "ms_32_layers": statistics.median(times[1:]) * 32 / layers})
+        print(out[-1], flush=True)
     return out
 
 
@@ -354,6 +352,10 @@ async def main(args: argparse.Namespace) -> None:
         res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
         finish(res, args.out)
         return
+    if args.tune_cascade:
+        res["triton_cascade_tuning_fp8"] = tune_triton_cascade()
+        finish(res, args.out)
+        return
     if args.cascade_kernels:
         for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
             for kernels in ("triton", "flashinfer"):
@@ -439,6 +441,8 @@ if __name__ == "__main__":
                         help="only cascade decode: FlashInfer's vs the Triton kernels (FP8 and bf16 pools), "
                              "checked against the torch backend and timed at 64 groups x 16 rows, then the "
                              "Triton kernels' launch settings")
+    parser.add_argument("--tune-cascade", action="store_true",
+                        help="only the Triton cascade kernels' launch settings (FP8, 64 groups x 16 rows)")
     parser.add_argument("--decode-kernels", action="store_true",
                         help="only a 128-row FP8 decode step's attention on each decode kernel "
                              "(FlashInfer tensor cores, CUDA cores, Triton)")

@@ -115,9 +115,10 @@ def cascade_decode_attention(
     min_split_len: int = CASCADE_MIN_SPLIT_LEN,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: tuple[int, int] = (4, 4),  # level 0, level 1
     num_stages: tuple[int, int] = (2, 2),
+    heads_fastest: bool = True,
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
@@ -137,7 +138,8 @@ def cascade_decode_attention(
     mid_o, mid_lse = workspace
     group = num_q_heads // k_buf.shape[1]
     upcast, precision = _dot_mode(q.dtype)
-    _prefix_split_kernel[(cascade.num_blocks, k_buf.shape[1], s0)](
+    hkv, nb = k_buf.shape[1], cascade.num_blocks
+    _prefix_split_kernel[(hkv, nb, s0) if heads_fastest else (nb, hkv, s0)](
         q, k_buf, v_buf, req_to_token, req_rows, cascade.blocks, mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
@@ -145,10 +147,12 @@ def cascade_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cascade.num_blocks, s0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), UPCAST=upcast, PRECISION=precision,
+        BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast,
+        PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],
     )  # fmt: skip
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
-                  cascade.suffix_splits, s0, min_split_len, workspace, block_n, num_warps[1], num_stages[1])
+                  cascade.suffix_splits, s0, min_split_len, workspace, block_n, num_warps[1], num_stages[1],
+                  heads_fastest)
     reduce_splits(workspace, out, splits)
     return out

@@ -107,10 +107,12 @@ def _decode_split_kernel(
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    head0 = tl.program_id(1) * HEADS  # HEADS q heads per program, all within one kv head's group
+    # HEADS_FASTEST: grid (head programs, B, splits), so the programs of one row's kv heads run side by side
+    # and read each token's K/V (all kv heads contiguous) at about the same time; else grid (B, ...).
+    b = tl.program_id(1 if HEADS_FASTEST else 0)
+    head0 = tl.program_id(0 if HEADS_FASTEST else 1) * HEADS  # HEADS q heads, all of one kv head's group
     split = tl.program_id(2)
     kv_head = head0 // GROUP
     offs_h = tl.arange(0, BLOCK_H)
@@ -157,10 +159,10 @@ def _prefix_split_kernel(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     num_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    blk = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    blk = tl.program_id(1 if HEADS_FASTEST else 0)  # grid (Hkv, blocks, S0) or (blocks, Hkv, S0)
+    kv_head = tl.program_id(0 if HEADS_FASTEST else 1)
     split = tl.program_id(2)
     row0 = tl.load(Blocks + blk)
     num_rows = tl.load(Blocks + num_blocks + blk)

@@ -149,14 +149,16 @@ def decode_splits(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
     req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
-    block_n: int, num_warps: int = 4, num_stages: int = 2,
+    block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
     split_base .. split_base + num_splits - 1. Inputs already checked."""
     mid_o, mid_lse = workspace
     heads, head_programs = decode_head_groups(q.shape[1], k_buf.shape[1])
     upcast, precision = _dot_mode(q.dtype)
-    _decode_split_kernel[(q.shape[0], head_programs, num_splits)](
+    rows = q.shape[0]
+    grid = (head_programs, rows, num_splits) if heads_fastest else (rows, head_programs, num_splits)
+    _decode_split_kernel[grid](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, seq_lens if kv_starts is None else kv_starts,
         mid_o, mid_lse,
         scale * LOG2E,
@@ -167,7 +169,8 @@ def decode_splits(
         GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
-        UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        HEADS_FASTEST=heads_fastest, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
 
 

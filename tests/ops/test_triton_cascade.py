@@ -114,7 +114,9 @@ GROUPS = [(70, [1, 9, 30, 2, 17]), (0, [45]), (33, [5] * 21), (100, [1, 2])]
 
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(8, 2), (6, 2), (2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("heads_fastest", [True, False])
+def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, dtype: torch.dtype,
+                                                   heads_fastest: bool) -> None:
     case = SharedPrefixCase(GROUPS, q_heads, kv_heads, dtype, dtype, seed=q_heads)
     plan = _plan(case)
     tensors = cascade_tensors(plan, case.batch.seq_lens_cpu, q_heads, kv_heads, torch.device(DEVICE),
@@ -126,7 +128,7 @@ def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, 
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     out = cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens, case.scale,
-                                   tensors, min_split_len=16, block_n=16)
+                                   tensors, min_split_len=16, block_n=16, heads_fastest=heads_fastest)
     case.check(out)
 
 
