@@ -242,9 +242,8 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
     out: list[dict[str, object]] = []
     for block_n, warps, stages, heads_fastest in (
-        (64, (4, 4), (2, 2), False), (64, (4, 4), (2, 2), True), (128, (4, 4), (2, 2), False),
-        (128, (4, 4), (2, 2), True), (128, (4, 4), (3, 3), True), (128, (8, 4), (2, 2), True),
-        (32, (4, 2), (2, 2), True), (64, (4, 2), (3, 3), True),
+        (128, (4, 4), (2, 2), True), (128, (4, 4), (3, 3), True), (256, (4, 4), (2, 2), True),
+        (256, (8, 8), (2, 2), True), (256, (4, 4), (3, 3), True), (256, (8, 4), (3, 2), True),
     ):
         def run(block_n=block_n, warps=warps, stages=stages, hf=heads_fastest) -> None:  # type: ignore[no-untyped-def]
             for layer in range(layers):
@@ -352,8 +351,10 @@ async def main(args: argparse.Namespace) -> None:
         res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
         finish(res, args.out)
         return
-    if args.tune_cascade:
+    if args.tune_cascade:  # the benchmark shape, then mostly level 0 (own keys 1), mostly level 1 (prefix 64)
         res["triton_cascade_tuning_fp8"] = tune_triton_cascade()
+        res["triton_cascade_tuning_fp8_prefix_only"] = tune_triton_cascade(own=1)
+        res["triton_cascade_tuning_fp8_suffix_only"] = tune_triton_cascade(shared=64)
         finish(res, args.out)
         return
     if args.cascade_kernels:
