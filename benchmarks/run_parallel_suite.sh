@@ -22,7 +22,8 @@
 #   shared_prefix   64 groups x 16 prompts (2048-token system prompt, 128 question, 256 out), radix cache on
 #                   and off (CACHE="on" for one; SP_ARGS: more bench_offline flags), up to 1024 requests
 #                   running, on card 0
-#   eager_profile   the shared-prefix run (cache on, 64 output tokens) with the kernels and GPU gaps of 2 of its
+#   eager_profile   the shared-prefix run (cache on, 64 output tokens; SP_ARGS: more flags, e.g. an FP8 KV cache)
+#                   with the kernels and GPU gaps of 2 of its
 #                   eager decode steps (>= 800 rows)
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
@@ -149,7 +150,7 @@ for stage in "$@"; do
       job 0 eager_profile $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
         --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
         --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 64 \
-        --max-running-requests 1024 --step-timing --profile-decode-steps 2 --profile-min-rows 800 ;;
+        --max-running-requests 1024 --step-timing --profile-decode-steps 2 --profile-min-rows 800 ${SP_ARGS:-} ;;
     serving)
       serving 0 ;;
     offline)
