@@ -213,8 +213,10 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32, kv_dtype: t
 
 def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 2048, own: int = 256,
                         layers: int = 8) -> list[dict[str, object]]:
-    """The Triton cascade kernels' block_n / num_warps / num_stages over an FP8 pool of the shared-prefix
-    benchmark's shape: milliseconds per `layers` layers for each setting (CUDA events, median of 5)."""
+    """The Triton cascade kernels' launch settings over an FP8 pool of the shared-prefix benchmark's shape:
+    key tile, warps and stages (level 0, level 1), level-0 queries a program and level-0 waves; milliseconds
+    per 32 layers for each (CUDA events over `layers` layers, median of 5). The grid has the kv heads fastest
+    (measured 2% better than rows fastest, session 7)."""
     from radixserve.ops.attention.cascade import plan_cascade
     from radixserve.ops.attention.triton_cascade import (
         cascade_decode_attention,
@@ -235,21 +237,24 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     seq = (shared + own,) * rows
     plan = plan_cascade(seq, tuple(0 if r % group_rows == 0 else shared for r in range(rows)))
     assert plan is not None
-    tensors = cascade_tensors(plan, seq, hq, hkv, torch.device(dev),
-                              num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     workspace = cascade_workspace(rows, hq, d, dev)
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
     seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
     out: list[dict[str, object]] = []
-    for block_n, warps, stages, heads_fastest in (
-        (128, (4, 4), (2, 2), True), (128, (4, 4), (3, 3), True), (256, (4, 4), (2, 2), True),
-        (256, (8, 8), (2, 2), True), (256, (4, 4), (3, 3), True), (256, (8, 4), (3, 2), True),
+    for block_n, warps, stages, block_m, waves in (
+        (128, (4, 4), (3, 3), 64, 2), (128, (4, 4), (3, 3), 64, 8), (128, (4, 4), (3, 3), 32, 2),
+        (128, (4, 4), (3, 3), 32, 8), (128, (4, 4), (3, 3), 16, 2), (64, (4, 4), (3, 3), 32, 8),
+        (64, (2, 4), (3, 3), 16, 8), (128, (8, 4), (3, 3), 64, 8),
     ):
-        def run(block_n=block_n, warps=warps, stages=stages, hf=heads_fastest) -> None:  # type: ignore[no-untyped-def]
+        tensors = cascade_tensors(plan, seq, hq, hkv, torch.device(dev), num_sms=num_sms,
+                                  prefix_block_m=block_m, prefix_waves=waves)
+
+        def run(tensors=tensors, block_n=block_n, warps=warps, stages=stages) -> None:  # type: ignore[no-untyped-def]
             for layer in range(layers):
                 cascade_decode_attention(q, k_bufs[layer], v_bufs[layer], table, req_rows, seq_t, d**-0.5,
                                          tensors, workspace=workspace, block_n=block_n, num_warps=warps,
-                                         num_stages=stages, heads_fastest=hf)
+                                         num_stages=stages)
         run()
         times = []
         for _ in range(6):
@@ -259,7 +264,8 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        out.append({"block_n": block_n, "warps": warps, "stages": stages, "heads_fastest": heads_fastest,
+        out.append({"block_n": block_n, "warps": warps, "stages": stages, "prefix_block_m": block_m,
+                    "prefix_waves": waves, "prefix_splits": tensors.prefix_splits,
                     "ms_32_layers": statistics.median(times[1:]) * 32 / layers})
         print(out[-1], flush=True)
     return out

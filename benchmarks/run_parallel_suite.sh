@@ -25,6 +25,8 @@
 #   eager_profile   the shared-prefix run (cache on, 64 output tokens; SP_ARGS: more flags, e.g. an FP8 KV cache)
 #                   with the kernels and GPU gaps of 2 of its
 #                   eager decode steps (>= 800 rows)
+#   cascade_fp8     the FP8 cascade on card 0: check_gpu_path --tune-cascade (launch settings, each level
+#                   alone), the kernels of 2 Triton-cascade steps (eager_profile, FP8), shared prefix cache on
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
@@ -79,6 +81,19 @@ latency() { local gpus=$1 name=$2 model=$3; shift 3
     --repeats 3 "$@"; }
 offline() { local gpus=$1 name=$2 model=$3; shift 3
   job "$gpus" "$name" $BENCH.bench_offline --model-path "$model" $MODEL $DATASET "$@"; }
+
+# the GPU-path issue's shared-prefix dataset (64 groups x 16 prompts, 2048-token system prompt, 128 question)
+SHARED_PREFIX="--dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16
+  --gsp-system-prompt-len 2048 --gsp-question-len 128 --max-running-requests 1024"
+shared_prefix() { local caches=$1 extra=$2 cache flag  # 256 output tokens, radix cache on and/or off
+  for cache in $caches; do
+    flag=""; [ "$cache" = off ] && flag=--disable-radix-cache
+    job 0 "shared_prefix_$cache" $BENCH.bench_offline --model-path "$LLAMA" $MODEL $SHARED_PREFIX \
+      --gsp-output-len 256 $flag $extra
+  done; }
+eager_profile() { local name=$1; shift  # 64 output tokens, the kernels of 2 decode steps of >= 800 rows
+  job 0 "$name" $BENCH.bench_offline --model-path "$LLAMA" $MODEL $SHARED_PREFIX --gsp-output-len 64 \
+    --step-timing --profile-decode-steps 2 --profile-min-rows 800 "$@"; }
 
 serving() {  # the online target of the GPU-path issue, on one card
   local gpu=$1 port=30011
@@ -139,18 +154,15 @@ for stage in "$@"; do
     constrained)
       job 0 constrained $BENCH.bench_constrained --model-path "$LLAMA" $MODEL ;;
     shared_prefix)
-      for cache in ${CACHE:-on off}; do
-        flag=""; [ $cache = off ] && flag=--disable-radix-cache
-        job 0 shared_prefix_$cache $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
-          --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
-          --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
-          --max-running-requests 1024 $flag ${SP_ARGS:-}
-      done ;;
+      shared_prefix "${CACHE:-on off}" "${SP_ARGS:-}" ;;
     eager_profile)  # the kernels of 2 eager decode steps of the shared-prefix run (>= 800 rows, cascade)
-      job 0 eager_profile $BENCH.bench_offline --model-path "$LLAMA" $MODEL \
-        --dataset-name generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 \
-        --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 64 \
-        --max-running-requests 1024 --step-timing --profile-decode-steps 2 --profile-min-rows 800 ${SP_ARGS:-} ;;
+      eager_profile eager_profile ${SP_ARGS:-} ;;
+    cascade_fp8)
+      CUDA_VISIBLE_DEVICES=0 timeout "${JOB_TIMEOUT:-1800}" python3 -m radixserve.benchmarks.check_gpu_path \
+        --tune-cascade --out "$RUNS/tune_cascade.json" > "$RUNS/tune_cascade.log" 2>&1
+      echo "tune_cascade rc $?"; grep "^{'block" "$RUNS/tune_cascade.log"; pack
+      eager_profile eager_profile_fp8 --kv-cache-dtype fp8_e4m3
+      shared_prefix on "--kv-cache-dtype fp8_e4m3 --step-timing" ;;
     serving)
       serving 0 ;;
     offline)

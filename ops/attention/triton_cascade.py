@@ -43,6 +43,7 @@ class CascadeTensors:
     kv_starts: torch.Tensor  # [B] int32: row b's first level-1 key (its group's prefix length)
     prefix_splits: int  # S0: level-0 splits of each block's prefix
     suffix_splits: int  # S1: level-1 splits of each row's own keys
+    prefix_block_m: int  # level-0 queries a program holds (rows of a block x q heads per kv head)
 
     @property
     def num_blocks(self) -> int:
@@ -53,21 +54,28 @@ class CascadeTensors:
         return self.prefix_splits + self.suffix_splits
 
 
-def _splits(programs: int, longest: int, num_sms: int, min_split_len: int, max_splits: int) -> int:
-    """About two waves of programs over the SMs, no split shorter than min_split_len keys."""
-    splits = min(triton.cdiv(2 * num_sms, max(programs, 1)), triton.cdiv(longest, min_split_len), max_splits)
-    return max(1, splits)
+def _splits(
+    programs: int, longest: int, num_sms: int, min_split_len: int, max_splits: int, waves: int
+) -> int:
+    """About `waves` waves of programs over the SMs, no split shorter than min_split_len keys."""
+    splits = triton.cdiv(waves * num_sms, max(programs, 1))
+    return max(1, min(splits, triton.cdiv(longest, min_split_len), max_splits))
 
 
 def cascade_tensors(
     plan: CascadePlan, seq_lens: tuple[int, ...], num_q_heads: int, num_kv_heads: int, device: torch.device,
     *, num_sms: int, min_split_len: int = CASCADE_MIN_SPLIT_LEN, max_splits: int = MAX_LEVEL_SPLITS,
+    prefix_block_m: int = PREFIX_BLOCK_M, prefix_waves: int = 2,
 ) -> CascadeTensors:
-    """The step's CascadeTensors: each group cut into blocks of PREFIX_BLOCK_M // GQA rows."""
+    """The step's CascadeTensors: each group cut into blocks of prefix_block_m // GQA rows; level 0 split
+    over about `prefix_waves` waves of programs, level 1 over two (prefix_block_m and prefix_waves are for
+    tuning: check_gpu_path --tune-cascade)."""
     group = num_q_heads // num_kv_heads
-    if group > PREFIX_BLOCK_M:
-        raise ValueError(f"cascade attention takes at most {PREFIX_BLOCK_M} q heads per kv head, not {group}")
-    rows_per_block = PREFIX_BLOCK_M // group
+    if prefix_block_m < 16 or prefix_block_m & (prefix_block_m - 1):
+        raise ValueError(f"prefix_block_m must be a power of two >= 16 (tl.dot's least M): {prefix_block_m}")
+    if group > prefix_block_m:
+        raise ValueError(f"cascade attention takes at most {prefix_block_m} q heads per kv head, not {group}")
+    rows_per_block = prefix_block_m // group
     firsts: list[int] = []
     counts: list[int] = []
     owners: list[int] = []
@@ -89,9 +97,11 @@ def cascade_tensors(
     return CascadeTensors(
         blocks=packed[: 4 * nb].view(4, nb),
         kv_starts=packed[4 * nb :],
-        prefix_splits=_splits(nb * num_kv_heads, max(plan.prefix_lens), num_sms, min_split_len, max_splits),
+        prefix_splits=_splits(nb * num_kv_heads, max(plan.prefix_lens), num_sms, min_split_len, max_splits,
+                              prefix_waves),
         suffix_splits=_splits(len(seq_lens) * head_programs, max(suffix_lens), num_sms, min_split_len,
-                              max_splits),
+                              max_splits, 2),
+        prefix_block_m=prefix_block_m,
     )
 
 
@@ -146,7 +156,7 @@ def cascade_decode_attention(
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cascade.num_blocks, s0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast,
         PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],

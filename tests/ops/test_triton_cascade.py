@@ -132,6 +132,24 @@ def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, 
     case.check(out)
 
 
+@pytest.mark.parametrize(("block_m", "waves"), [(16, 8), (32, 2)])
+def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) -> None:
+    """The tuning knobs: 16 or 32 level-0 queries a program (4 or 8 rows of a GQA-4 group), level 0 split
+    over more waves."""
+    case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, torch.bfloat16, seed=block_m)
+    tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=16,
+                              min_split_len=16, prefix_block_m=block_m, prefix_waves=waves)
+    assert tensors.prefix_block_m == block_m
+    assert tensors.num_blocks == sum(-(-len(owns) // (block_m // 4)) for _, owns in GROUPS)
+    k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
+    b = case.batch
+    case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
+                                        case.scale, tensors, min_split_len=16, block_n=32))
+    with pytest.raises(ValueError, match="power of two"):
+        cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=16,
+                        prefix_block_m=24)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
     case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=5)
