@@ -44,12 +44,17 @@ MAX_HEAD_BLOCK = 16  # q heads sharing one kv head that one decode program handl
 
 @triton.jit
 def _attend_keys(
-    q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head,
+    q, table, start, end, KBuf, VBuf, kv_head,
     stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of the queries q [M, BLOCK_D] over keys start .. end-1 of one kv head (slots from
-    `table`), unmasked: (m_i, l_i, acc) carried in base 2, acc not yet divided by l_i."""
+    `table`), unmasked: (m_i, l_i, acc) in base 2, acc not yet divided by l_i (l_i = 0 when there are no
+    keys)."""
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -136,12 +141,9 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+        q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
+        BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     _store_partial(
         MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
@@ -184,12 +186,9 @@ def _prefix_split_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, prefix_len)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+        q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
+        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     _store_partial(
         MidO, MidLse, rows, heads, mask_m, split, m_i, l_i, acc,
         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
