@@ -23,8 +23,9 @@ Two kernels, picked by SkinnyConfig.tensor_cores:
     which this memory-bound loop leaves idle at small M, so M = 16 runs at the price of M = 1. W is the dot's
     left operand: BLOCK_N is the MMA's M dimension (BLOCK_N >= 64 with 4 warps gets Hopper's wgmma) and the
     padded batch its N dimension. Past M ~ 64 the loop does 2 * M flops per weight byte pair and tensor-core
-    time starts to count (M = 128 at an H100's bandwidth needs ~400 TFLOP/s): whether it still beats cuBLAS
-    there is bench_gemv's to say (batches up to 128), and only measured shapes and batches run here.
+    time starts to count (M = 128 at an H100's bandwidth needs ~400 TFLOP/s). Measured on an H100 (bench_gemv
+    --batches 64 128): 0.67-1.05x cuBLAS, so TUNED stops at 16 and larger batches stay on F.linear; the
+    kernel takes them for bench_gemv, to re-measure on other cards.
     On CUDA cores, M > 1 would need M accumulators of [BLOCK_N, BLOCK_K] (out of registers by M = 4) or a
     cross-thread reduction per chunk and per row; tensor cores avoid both.
 Which of the two wins at M == 1 is for the GPU benchmark (benchmarks/bench_gemv.py) to say; its results fill

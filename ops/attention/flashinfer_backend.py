@@ -122,17 +122,27 @@ class FlashInferAttentionBackend:
             self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=decode_tensor_cores)
-        # Cascade decode (ops/attention/cascade.py): level 0 on a prefill wrapper of its own (sharing the
-        # workspace of the wrappers a decode step does not use), level 1 on a decode wrapper planned at the
-        # same time, so with a workspace of its own.
+        default_kernels = "triton" if self.kv_dtype in FP8_DTYPES else "flashinfer"
+        kernels = cascade_kernels or os.environ.get(CASCADE_KERNELS_ENV, default_kernels)
+        if kernels not in ("triton", "flashinfer"):
+            raise ValueError(f"cascade kernels ({CASCADE_KERNELS_ENV}) must be 'triton' or 'flashinfer', "
+                             f"not {kernels!r}")
+        self.cascade_on_triton = kernels == "triton"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        # Cascade decode on FlashInfer (ops/attention/cascade.py): level 0 on a prefill wrapper of its own
+        # (sharing the workspace of the wrappers a decode step does not use), level 1 on a decode wrapper
+        # planned at the same time, so with a workspace of its own. None with the Triton cascade.
         # NOTE: FA2 on purpose. The SM90 (FA3) kernel that "auto" picks on an H100 passed the isolated checks
         # but died of an illegal memory access within seconds of the 64 x 16 shared-prefix benchmark (every
         # time, with or without PDL; CUDA_LAUNCH_BLOCKING put it in BatchPrefillWithPagedKVCacheSM90Run).
-        self.prefix_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend="fa2")
-        self.suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.suffix_workspace, "NHD", use_tensor_cores=decode_tensor_cores)
+        self.prefix_prefill: Any = None
+        self.suffix_decode: Any = None
+        if not self.cascade_on_triton:
+            self.prefix_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", backend="fa2")
+            suffix_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            self.suffix_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                suffix_workspace, "NHD", use_tensor_cores=decode_tensor_cores)
         self.extend_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.extend_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.extend_workspace, "NHD", backend=prefill_backend)
@@ -141,13 +151,6 @@ class FlashInferAttentionBackend:
         # ... or as Triton cascade: this step's plan on the device, its workspace and the decode rows' batch
         self._triton_cascade: tuple[CascadeTensors, tuple[torch.Tensor, torch.Tensor], AttentionBatch] | None
         self._triton_cascade = None
-        default_kernels = "triton" if self.kv_dtype in FP8_DTYPES else "flashinfer"
-        kernels = cascade_kernels or os.environ.get(CASCADE_KERNELS_ENV, default_kernels)
-        if kernels not in ("triton", "flashinfer"):
-            raise ValueError(f"cascade kernels ({CASCADE_KERNELS_ENV}) must be 'triton' or 'flashinfer', "
-                             f"not {kernels!r}")
-        self.cascade_on_triton = kernels == "triton"
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._split = 0  # a mixed step's decode rows (they run apart from its prompt rows); 0: not split
         self.cascade_enabled = os.environ.get(DISABLE_CASCADE_ENV, "0") != "1"
         self.split_mixed_steps = os.environ.get(DISABLE_MIXED_SPLIT_ENV, "0") != "1"
