@@ -214,9 +214,9 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32, kv_dtype: t
 def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 2048, own: int = 256,
                         layers: int = 8) -> list[dict[str, object]]:
     """The Triton cascade kernels' launch settings over an FP8 pool of the shared-prefix benchmark's shape:
-    key tile, warps and stages (level 0, level 1), level-0 queries a program and level-0 waves; milliseconds
-    per 32 layers for each (CUDA events over `layers` layers, median of 5). The grid has the kv heads fastest
-    (measured 2% better than rows fastest, session 7)."""
+    key tile, warps and stages (level 0, level 1), level-0 queries a program and waves, level 1 merging
+    level 0 itself or the reduce kernel; milliseconds per 32 layers for each (CUDA events over `layers`
+    layers, median of 5). The grid has the kv heads fastest (2% better than rows fastest, session 7)."""
     from radixserve.ops.attention.cascade import plan_cascade
     from radixserve.ops.attention.triton_cascade import (
         cascade_decode_attention,
@@ -242,19 +242,21 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
     seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
     out: list[dict[str, object]] = []
-    for block_n, warps, stages, block_m, waves in (
-        (128, (4, 4), (3, 3), 64, 2), (128, (4, 4), (3, 3), 64, 8), (128, (4, 4), (3, 3), 32, 2),
-        (128, (4, 4), (3, 3), 32, 8), (128, (4, 4), (3, 3), 16, 2), (64, (4, 4), (3, 3), 32, 8),
-        (64, (2, 4), (3, 3), 16, 8), (128, (8, 4), (3, 3), 64, 8),
+    # Session 8 on an H100: (64 queries, 2 waves) beat 16/32 queries and 8 waves at every shape; the sweep
+    # now sets level 1's own merge against the reduce kernel, and stages / key tiles around the default.
+    for block_n, warps, stages, block_m, waves, merge in (
+        (128, (4, 4), (2, 2), 64, 2, True), (128, (4, 4), (2, 2), 64, 2, False),
+        (128, (4, 4), (3, 3), 64, 2, True), (128, (4, 4), (2, 3), 64, 2, True),
+        (128, (4, 8), (2, 2), 64, 2, True), (64, (4, 4), (2, 2), 64, 2, True),
     ):
         tensors = cascade_tensors(plan, seq, hq, hkv, torch.device(dev), num_sms=num_sms,
                                   prefix_block_m=block_m, prefix_waves=waves)
 
-        def run(tensors=tensors, block_n=block_n, warps=warps, stages=stages) -> None:  # type: ignore[no-untyped-def]
+        def run(tensors=tensors, block_n=block_n, warps=warps, stages=stages, merge=merge) -> None:  # type: ignore[no-untyped-def]
             for layer in range(layers):
                 cascade_decode_attention(q, k_bufs[layer], v_bufs[layer], table, req_rows, seq_t, d**-0.5,
                                          tensors, workspace=workspace, block_n=block_n, num_warps=warps,
-                                         num_stages=stages)
+                                         num_stages=stages, fuse_merge=merge)
         run()
         times = []
         for _ in range(6):
@@ -265,7 +267,8 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         out.append({"block_n": block_n, "warps": warps, "stages": stages, "prefix_block_m": block_m,
-                    "prefix_waves": waves, "prefix_splits": tensors.prefix_splits,
+                    "prefix_waves": waves, "fuse_merge": merge, "prefix_splits": tensors.prefix_splits,
+                    "suffix_splits": tensors.suffix_splits,
                     "ms_32_layers": statistics.median(times[1:]) * 32 / layers})
         print(out[-1], flush=True)
     return out

@@ -179,6 +179,11 @@ class FlashInferAttentionBackend:
         q = torch.zeros(rows, self.num_q_heads, self.head_dim, dtype=self.dtype, device=dev)
         kv = q[:, : self.num_kv_heads]
         self.forward(q, kv, kv, 0, self.scale, batch, kv_stored=True)  # reads slot 0, writes no KV
+        if self._triton_cascade is not None:  # level 1 above merged level 0 itself; now its split variant
+            tensors, workspace, _ = self._triton_cascade
+            cascade_decode_attention(q, self.k_buffers[0], self.v_buffers[0], batch.req_to_token,
+                                     batch.req_rows, batch.seq_lens, self.scale, tensors, workspace=workspace,
+                                     fuse_merge=False)
         self._cascade, self._triton_cascade, self.num_cascade_steps = False, None, 0
 
     def make_graph_decode_wrapper(

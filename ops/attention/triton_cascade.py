@@ -3,9 +3,9 @@
 A CascadePlan (cascade.py, host) becomes CascadeTensors once per step: level 0's blocks of rows and each row's
 first level-1 key, copied to the device in one non-blocking copy from pinned memory (a copy from pageable
 memory would wait for the step in flight, the host gap FlashInfer's plan costs a large eager step). Each layer
-then runs three kernels (triton_kernels.py): the prefix kernel over the blocks, split decode over each row's
-own keys, and the reduce over both levels' splits. No merge kernel: both levels write partial results to one
-workspace.
+then runs two or three kernels (triton_kernels.py): the prefix kernel over the blocks, split decode over each
+row's own keys, and the reduce over both levels' splits. No merge kernel: both levels write partial results to
+one workspace; when level 1 runs in one split, it reads level 0's partials and writes the output itself.
 
 This is the FP8 pools' cascade on the GPU: FlashInfer's cascade runs both levels on FA2's prefill kernels,
 which widen one-byte pages slowly (a 1,000-row shared-prefix step spent 24 ms of ~55 in them on an H200).
@@ -129,6 +129,7 @@ def cascade_decode_attention(
     num_warps: tuple[int, int] = (4, 4),  # level 0, level 1
     num_stages: tuple[int, int] = (2, 2),
     heads_fastest: bool = True,
+    fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
@@ -161,8 +162,12 @@ def cascade_decode_attention(
         PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],
     )  # fmt: skip
+    # Level 1 in one split (the usual case: ~a thousand rows fill the GPU without splitting) merges level
+    # 0's partials itself: no reduce kernel, and no partials of its own written and read back.
+    merge = cascade.suffix_splits == 1 and fuse_merge
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
                   cascade.suffix_splits, s0, min_split_len, workspace, block_n, num_warps[1], num_stages[1],
-                  heads_fastest)
-    reduce_splits(workspace, out, splits)
+                  heads_fastest, merge_into=out if merge else None)
+    if not merge:
+        reduce_splits(workspace, out, splits)
     return out

@@ -18,7 +18,8 @@ kernels, then runs the same reduce over all S0 + S1 splits:
 
     level 0, grid (blocks, Hkv, S0):  one program = the queries of up to BLOCK_M // GROUP rows of a group (all
              q heads of one kv head) x one chunk of the group's prefix: splits 0 .. S0-1
-    level 1, the decode kernel from each row's kv_start (where its group's prefix ends): splits S0 .. S0+S1-1
+    level 1, the decode kernel from each row's kv_start (where its group's prefix ends): splits S0 .. S0+S1-1;
+             in one split (S1 = 1) it merges level 0's splits itself and writes the output (no reduce)
 
 Extend, grid (B, Hq, cdiv(max_extend_len, BLOCK_M)): one program = BLOCK_M new queries of one row and head,
 an online softmax over keys 0 .. prefix_len + last query, causal within the new tokens:
@@ -103,17 +104,48 @@ def _store_partial(
 
 # Split counts vary from step to step: not specializing on them (Triton specializes ints equal to 1 or
 # divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture.
+@triton.jit
+def _merge_prefix_splits(
+    MidO, MidLse, b, heads, mask_h, num_prefix_splits, m_i, l_i, acc,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Fold splits 0 .. num_prefix_splits-1 of the workspace (normalized o, base-2 lse) into the running
+    state (m_i, l_i, acc) of queries (b, heads), as if each were one more block of keys; returns the final
+    output [M, BLOCK_D] in fp32. A split with lse = -inf (no keys) weighs nothing."""
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = heads.to(tl.int64)
+    lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
+    o_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
+    o_mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
+    for s in range(0, num_prefix_splits):
+        lse = tl.load(lse_ptrs + s, mask=mask_h, other=float("-inf"))
+        o = tl.load(o_ptrs + s * stride_mo_s, mask=o_mask, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: no inf - inf
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(lse - m_ref)
+        l_i = l_i * alpha + beta
+        acc = acc * alpha[:, None] + o * beta[:, None]
+        m_i = m_new
+    return acc / tl.maximum(l_i, 1e-30)[:, None]
+
+
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "split_base"])
 def _decode_split_kernel(
-    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse,
+    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse, Out,
     qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
+    # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
+    # instead of a partial for the reduce kernel.
     # HEADS_FASTEST: grid (head programs, B, splits), so the programs of one row's kv heads run side by side
     # and read each token's K/V (all kv heads contiguous) at about the same time; else grid (B, ...).
     b = tl.program_id(1 if HEADS_FASTEST else 0)
@@ -144,9 +176,16 @@ def _decode_split_kernel(
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
         BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    _store_partial(
-        MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
-        stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
+    if MERGE:
+        out = _merge_prefix_splits(
+            MidO, MidLse, b, head0 + offs_h, mask_h, split_base, m_i, l_i, acc,
+            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
+        o_ptrs = Out + b.to(tl.int64) * stride_ot + (head0 + offs_h)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:
+        _store_partial(
+            MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
+            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
 
 
 # Cascade level 0 (ops/attention/cascade.py): the queries of up to BLOCK_M // GROUP rows of one group, every

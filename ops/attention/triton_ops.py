@@ -150,27 +150,35 @@ def decode_splits(
     req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
     block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
+    merge_into: torch.Tensor | None = None,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
-    split_base .. split_base + num_splits - 1. Inputs already checked."""
+    split_base .. split_base + num_splits - 1. Inputs already checked.
+
+    merge_into (cascade level 1 in one split): instead, merge the row's keys with workspace splits
+    0 .. split_base-1 (level 0's) and write the output there; no reduce follows."""
     mid_o, mid_lse = workspace
+    if merge_into is not None and num_splits != 1:
+        raise ValueError(f"merging into the output takes one split per row, not {num_splits}")
+    out = mid_o if merge_into is None else merge_into  # unused by the kernel when not merging
     heads, head_programs = decode_head_groups(q.shape[1], k_buf.shape[1])
     upcast, precision = _dot_mode(q.dtype)
     rows = q.shape[0]
     grid = (head_programs, rows, num_splits) if heads_fastest else (rows, head_programs, num_splits)
     _decode_split_kernel[grid](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, seq_lens if kv_starts is None else kv_starts,
-        mid_o, mid_lse,
+        mid_o, mid_lse, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
         num_splits, min_split_len, split_base,
         GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
-        HEADS_FASTEST=heads_fastest, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
-        num_stages=num_stages,
+        MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 

@@ -150,6 +150,30 @@ def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) 
                         prefix_block_m=24)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("fuse_merge", [True, False])
+def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_merge: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Level 1 in one split folds level 0's several splits into the output itself, with no reduce kernel
+    (fuse_merge=False: the partial and the reduce, as with more splits)."""
+    from radixserve.ops.attention import triton_cascade
+
+    reduces: list[int] = []
+    reduce = triton_cascade.reduce_splits
+    monkeypatch.setattr(triton_cascade, "reduce_splits", lambda *a: (reduces.append(1), reduce(*a)))
+    case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=11)
+    # no row's own keys reach 48 (level 1: one split); prefixes up to 100 (level 0: three)
+    tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=64,
+                              min_split_len=48)
+    assert tensors.suffix_splits == 1 and tensors.prefix_splits == 3
+    k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
+    b = case.batch
+    case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
+                                        case.scale, tensors, min_split_len=48, block_n=16,
+                                        fuse_merge=fuse_merge))
+    assert len(reduces) == (0 if fuse_merge else 1)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
     case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=5)
