@@ -125,8 +125,8 @@ def cascade_decode_attention(
     min_split_len: int = CASCADE_MIN_SPLIT_LEN,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = 128,
-    num_warps: tuple[int, int] = (4, 4),  # level 0, level 1
+    block_n: tuple[int, int] = (128, 128),  # level 0, level 1
+    num_warps: tuple[int, int] = (4, 4),
     num_stages: tuple[int, int] = (2, 2),
     heads_fastest: bool = True,
     fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
@@ -157,7 +157,7 @@ def cascade_decode_attention(
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cascade.num_blocks, s0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n[0],
         BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast,
         PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],
@@ -166,8 +166,8 @@ def cascade_decode_attention(
     # 0's partials itself: no reduce kernel, and no partials of its own written and read back.
     merge = cascade.suffix_splits == 1 and fuse_merge
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
-                  cascade.suffix_splits, s0, min_split_len, workspace, block_n, num_warps[1], num_stages[1],
-                  heads_fastest, merge_into=out if merge else None)
+                  cascade.suffix_splits, s0, min_split_len, workspace, block_n[1], num_warps[1],
+                  num_stages[1], heads_fastest, merge_into=out if merge else None)
     if not merge:
         reduce_splits(workspace, out, splits)
     return out

@@ -128,7 +128,7 @@ def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, 
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     out = cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens, case.scale,
-                                   tensors, min_split_len=16, block_n=16, heads_fastest=heads_fastest)
+                                   tensors, min_split_len=16, block_n=(16, 16), heads_fastest=heads_fastest)
     case.check(out)
 
 
@@ -144,7 +144,7 @@ def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) 
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
-                                        case.scale, tensors, min_split_len=16, block_n=32))
+                                        case.scale, tensors, min_split_len=16, block_n=(32, 16)))
     with pytest.raises(ValueError, match="power of two"):
         cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=16,
                         prefix_block_m=24)
@@ -169,7 +169,7 @@ def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_me
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
-                                        case.scale, tensors, min_split_len=48, block_n=16,
+                                        case.scale, tensors, min_split_len=48, block_n=(16, 32),
                                         fuse_merge=fuse_merge))
     assert len(reduces) == (0 if fuse_merge else 1)
 
