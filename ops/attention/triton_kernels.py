@@ -102,35 +102,19 @@ def _store_partial(
     tl.store(MidLse + rows * stride_ml_b + heads * stride_ml_h + slot, lse, mask=mask)
 
 
+@triton.jit
+def _fold_split(m_i, l_i, acc, lse, o):
+    """The running state (m_i, l_i, acc) with one more split's result (normalized o [M, BLOCK_D], its
+    base-2 lse [M]) folded in, as if it were one more block of keys. lse = -inf (no keys) weighs nothing."""
+    m_new = tl.maximum(m_i, lse)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: no inf - inf
+    alpha = tl.exp2(m_i - m_ref)
+    beta = tl.exp2(lse - m_ref)
+    return m_new, l_i * alpha + beta, acc * alpha[:, None] + o * beta[:, None]
+
+
 # Split counts vary from step to step: not specializing on them (Triton specializes ints equal to 1 or
 # divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture.
-@triton.jit
-def _merge_prefix_splits(
-    MidO, MidLse, b, heads, mask_h, num_prefix_splits, m_i, l_i, acc,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Fold splits 0 .. num_prefix_splits-1 of the workspace (normalized o, base-2 lse) into the running
-    state (m_i, l_i, acc) of queries (b, heads), as if each were one more block of keys; returns the final
-    output [M, BLOCK_D] in fp32. A split with lse = -inf (no keys) weighs nothing."""
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = heads.to(tl.int64)
-    lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
-    o_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
-    o_mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-    for s in range(0, num_prefix_splits):
-        lse = tl.load(lse_ptrs + s, mask=mask_h, other=float("-inf"))
-        o = tl.load(o_ptrs + s * stride_mo_s, mask=o_mask, other=0.0)
-        m_new = tl.maximum(m_i, lse)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: no inf - inf
-        alpha = tl.exp2(m_i - m_ref)
-        beta = tl.exp2(lse - m_ref)
-        l_i = l_i * alpha + beta
-        acc = acc * alpha[:, None] + o * beta[:, None]
-        m_i = m_new
-    return acc / tl.maximum(l_i, 1e-30)[:, None]
-
-
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "split_base"])
 def _decode_split_kernel(
     Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse, Out,
@@ -140,8 +124,8 @@ def _decode_split_kernel(
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
     # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
@@ -170,18 +154,32 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, seq_len)
 
     q_ptrs = Q + b.to(tl.int64) * stride_qt + (head0 + offs_h)[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+    hd_mask = mask_h[:, None] & mask_d[None, :]
+    q = tl.load(q_ptrs, mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
+    if MERGE:  # level 0's splits of these queries; the first loaded before the keys (PREFETCH)
+        heads = (head0 + offs_h).to(tl.int64)
+        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
+        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
+        if PREFETCH:
+            lse0 = tl.load(lse_ptrs, mask=mask_h, other=float("-inf"))
+            o0 = tl.load(mo_ptrs, mask=hd_mask, other=0.0)
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
         BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     if MERGE:
-        out = _merge_prefix_splits(
-            MidO, MidLse, b, head0 + offs_h, mask_h, split_base, m_i, l_i, acc,
-            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
+        first = 0
+        if PREFETCH:
+            m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse0, o0)
+            first = 1
+        for s in range(first, split_base):  # split_base: level 0's split count
+            lse = tl.load(lse_ptrs + s, mask=mask_h, other=float("-inf"))
+            o = tl.load(mo_ptrs + s * stride_mo_s, mask=hd_mask, other=0.0)
+            m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse, o)
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ot + (head0 + offs_h)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=hd_mask)
     else:
         _store_partial(
             MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
