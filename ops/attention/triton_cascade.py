@@ -125,8 +125,8 @@ def cascade_decode_attention(
     min_split_len: int = CASCADE_MIN_SPLIT_LEN,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
-    block_n: tuple[int, int] = (128, 128),  # level 0, level 1
-    num_warps: tuple[int, int] = (4, 4),
+    block_n: tuple[int, int] = (128, 32),  # level 0, level 1
+    num_warps: tuple[int, int] = (4, 1),
     num_stages: tuple[int, int] = (2, 2),
     heads_fastest: bool = True,
     fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
@@ -134,7 +134,10 @@ def cascade_decode_attention(
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
-    are for tuning (benchmarks/check_gpu_path.py --cascade-kernels)."""
+    are for tuning (benchmarks/check_gpu_path.py --tune-cascade). Level 1's small programs (32-key tiles, one
+    warp) measured best on an H100 for own keys of 1 to 256 (session 8: 13.1 vs 14.7 ms for 128 keys and 4
+    warps at the benchmark's shape): a row's few tiles leave little to pipeline, so what pays is programs
+    resident at once (168 registers a thread: 12 one-warp programs an SM against 3 of four warps)."""
     _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
     num_rows, num_q_heads, head_dim = q.shape
     if cascade.kv_starts.shape != (num_rows,):
