@@ -131,7 +131,6 @@ def cascade_decode_attention(
     heads_fastest: bool = True,
     fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
     merge_prefetch: bool = False,
-    prefetch_kv: tuple[bool, bool] = (False, False),
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
@@ -163,8 +162,8 @@ def cascade_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cascade.num_blocks, s0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n[0],
-        BLOCK_D=triton.next_power_of_2(head_dim), PREFETCH_KV=prefetch_kv[0],
-        HEADS_FASTEST=heads_fastest, UPCAST=upcast, PRECISION=precision,
+        BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast,
+        PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],
     )  # fmt: skip
     # Level 1 in one split (the usual case: ~a thousand rows fill the GPU without splitting) merges level
@@ -173,7 +172,7 @@ def cascade_decode_attention(
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
                   cascade.suffix_splits, s0, min_split_len, workspace, block_n[1], num_warps[1],
                   num_stages[1], heads_fastest, merge_into=out if merge else None,
-                  merge_prefetch=merge_prefetch, prefetch_kv=prefetch_kv[1])
+                  merge_prefetch=merge_prefetch)
     if not merge:
         reduce_splits(workspace, out, splits)
     return out

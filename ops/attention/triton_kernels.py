@@ -44,79 +44,41 @@ MAX_HEAD_BLOCK = 16  # q heads sharing one kv head that one decode program handl
 
 
 @triton.jit
-def _kv_tile(
-    KBuf, VBuf, slots, mask_n, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """K and V [BLOCK_N, BLOCK_D] of one kv head at `slots` (int64; masked rows read nothing), as stored."""
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    return k, v
-
-
-@triton.jit
-def _softmax_step(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-    """The online-softmax state (base 2) after one more tile of keys; mask_n [BLOCK_N] marks real keys."""
-    # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
-    s = tl.where(mask_n[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _attend_keys(
     q, table, start, end, KBuf, VBuf, kv_head,
     stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
     M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of the queries q [M, BLOCK_D] over keys start .. end-1 of one kv head (slots from
     `table`), unmasked: (m_i, l_i, acc) in base 2, acc not yet divided by l_i (l_i = 0 when there are no
-    keys).
-
-    PREFETCH: software pipelining by hand. The K/V gathers read addresses from a load of the table, which
-    Triton's pipeliner does not stage, so without it each tile waits for two memory round trips before its
-    dots. With it, the K/V of tile i+1 are in flight while tile i is computed, and the slots of tile i+2 (two
-    ahead: no load waits on one issued in the same iteration); the price is a tile of registers."""
+    keys)."""
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BLOCK_D], tl.float32)
-    offs_tile = tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        mask_n = start + offs_tile < end
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
         # int64: slot * slot_stride passes 2**31 in large pools.
-        slots = tl.load(table + start + offs_tile, mask=mask_n, other=0).to(tl.int64)
-        k, v = _kv_tile(KBuf, VBuf, slots, mask_n, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-                        HEAD_DIM, BLOCK_D)
-        offs_next = start + BLOCK_N + offs_tile
-        slots_next = tl.load(table + offs_next, mask=offs_next < end, other=0).to(tl.int64)
-        for n0 in range(start, end, BLOCK_N):
-            mask_n = n0 + offs_tile < end
-            mask_next = n0 + BLOCK_N + offs_tile < end
-            k_next, v_next = _kv_tile(KBuf, VBuf, slots_next, mask_next, kv_head, stride_ks, stride_kh,
-                                      stride_vs, stride_vh, HEAD_DIM, BLOCK_D)
-            offs_after = n0 + 2 * BLOCK_N + offs_tile
-            slots_next = tl.load(table + offs_after, mask=offs_after < end, other=0).to(tl.int64)
-            m_i, l_i, acc = _softmax_step(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION)
-            k, v = k_next, v_next
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            mask_n = n0 + offs_tile < end
-            slots = tl.load(table + n0 + offs_tile, mask=mask_n, other=0).to(tl.int64)
-            k, v = _kv_tile(KBuf, VBuf, slots, mask_n, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-                            HEAD_DIM, BLOCK_D)
-            m_i, l_i, acc = _softmax_step(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION)
+        slots = tl.load(table + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KBuf + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the chunk's first key is always valid
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     return m_i, l_i, acc
 
 
@@ -162,8 +124,8 @@ def _decode_split_kernel(
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, MERGE: tl.constexpr, PREFETCH_MERGE: tl.constexpr, PREFETCH_KV: tl.constexpr,
-    HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
     # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
@@ -196,19 +158,19 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    if MERGE:  # level 0's splits of these queries; the first loaded before the keys (PREFETCH_MERGE)
+    if MERGE:  # level 0's splits of these queries; the first loaded before the keys (PREFETCH)
         heads = (head0 + offs_h).to(tl.int64)
         lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
         mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
-        if PREFETCH_MERGE:
+        if PREFETCH:
             lse0 = tl.load(lse_ptrs, mask=mask_h, other=float("-inf"))
             o0 = tl.load(mo_ptrs, mask=hd_mask, other=0.0)
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
-        BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, PREFETCH_KV)
+        BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     if MERGE:
         first = 0
-        if PREFETCH_MERGE:
+        if PREFETCH:
             m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse0, o0)
             first = 1
         for s in range(first, split_base):  # split_base: level 0's split count
@@ -236,8 +198,7 @@ def _prefix_split_kernel(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     num_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREFETCH_KV: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(1 if HEADS_FASTEST else 0)  # grid (Hkv, blocks, S0) or (blocks, Hkv, S0)
     kv_head = tl.program_id(0 if HEADS_FASTEST else 1)
@@ -264,7 +225,7 @@ def _prefix_split_kernel(
 
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
-        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, PREFETCH_KV)
+        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     _store_partial(
         MidO, MidLse, rows, heads, mask_m, split, m_i, l_i, acc,
         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)

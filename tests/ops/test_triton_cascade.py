@@ -152,9 +152,7 @@ def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize(("fuse_merge", "prefetch"), [(True, False), (True, True), (False, False)])
-@pytest.mark.parametrize("prefetch_kv", [(False, False), (True, True)])
 def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_merge: bool, prefetch: bool,
-                                                  prefetch_kv: tuple[bool, bool],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Level 1 in one split folds level 0's several splits into the output itself, with no reduce kernel
     (prefetch: the first of them loaded before the keys; fuse_merge=False: the partial and the reduce, as
@@ -173,22 +171,19 @@ def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_me
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
                                         case.scale, tensors, min_split_len=48, block_n=(16, 32),
-                                        fuse_merge=fuse_merge, merge_prefetch=prefetch,
-                                        prefetch_kv=prefetch_kv))
+                                        fuse_merge=fuse_merge, merge_prefetch=prefetch))
     assert len(reduces) == (0 if fuse_merge else 1)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("prefetch_kv", [(False, False), (True, True)])
-def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype, prefetch_kv: tuple[bool, bool]) -> None:
+def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
     case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=5)
     tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=8,
                               min_split_len=64, max_splits=16)
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
-                                        case.scale, tensors, min_split_len=64, block_n=(32, 16),
-                                        prefetch_kv=prefetch_kv))
+                                        case.scale, tensors, min_split_len=64))
 
 
 def test_backend_runs_cascade_where_the_plan_pays(monkeypatch: pytest.MonkeyPatch) -> None:
