@@ -243,14 +243,16 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     seq_t, req_rows = torch.tensor(seq, device=dev, dtype=torch.int32), torch.arange(rows, device=dev)
     # Session 8 on an H100: 64 queries a level-0 program beat 16 and 32 at every shape; level 1 merging level
     # 0 itself beat the reduce kernel (14.8 vs 17.1 ms); level 1 in 32-key tiles on one warp beat 128 keys on
-    # four (13.1 vs 14.7). Now variations of one setting at a time around that default; timings drift by ~10%
-    # over a sweep on one card, so every setting is timed in each of 3 rounds (the best round's median).
+    # four (13.4 vs 14.8); level 0's stages, waves and 64-key tiles changed nothing. Lost and removed: level
+    # 1 loading level 0's first split before its keys (+0.5 ms: registers), and K/V loads pipelined by hand
+    # (the next tile's gathers in flight during the dots: 390-456 spilled registers at 4 and 1 warps, 14.3 to
+    # 17.8 ms without spills). Timings drift by ~10% over a sweep on one card, so each setting is timed in 3
+    # rounds (the best round's median counts).
     base: dict[str, object] = {}
     variants: list[tuple[dict[str, object], int]] = [  # (launch settings, level-0 waves)
         ({}, 2), ({"block_n": (128, 128), "num_warps": (4, 4)}, 2), ({"fuse_merge": False}, 2),
-        ({"merge_prefetch": True}, 2), ({"num_stages": (3, 2)}, 2), ({"block_n": (128, 16)}, 2),
-        ({"num_stages": (2, 3)}, 2), ({"num_stages": (2, 1)}, 2), ({"block_n": (128, 64)}, 2),
-        ({"num_warps": (4, 2)}, 2), ({"block_n": (128, 16), "num_stages": (2, 3)}, 2), ({}, 4),
+        ({"num_stages": (3, 2)}, 2), ({"block_n": (64, 32)}, 2), ({"block_n": (128, 16)}, 2),
+        ({"num_stages": (2, 3)}, 2), ({"num_warps": (4, 2)}, 2), ({}, 4),
     ]
     runs = []
     for change, waves in variants:

@@ -130,7 +130,6 @@ def cascade_decode_attention(
     num_stages: tuple[int, int] = (2, 2),
     heads_fastest: bool = True,
     fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
-    merge_prefetch: bool = False,
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
@@ -171,8 +170,7 @@ def cascade_decode_attention(
     merge = cascade.suffix_splits == 1 and fuse_merge
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
                   cascade.suffix_splits, s0, min_split_len, workspace, block_n[1], num_warps[1],
-                  num_stages[1], heads_fastest, merge_into=out if merge else None,
-                  merge_prefetch=merge_prefetch)
+                  num_stages[1], heads_fastest, merge_into=out if merge else None)
     if not merge:
         reduce_splits(workspace, out, splits)
     return out

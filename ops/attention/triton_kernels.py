@@ -124,8 +124,8 @@ def _decode_split_kernel(
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, MERGE: tl.constexpr, PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
     # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
@@ -158,22 +158,14 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    if MERGE:  # level 0's splits of these queries; the first loaded before the keys (PREFETCH)
-        heads = (head0 + offs_h).to(tl.int64)
-        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
-        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
-        if PREFETCH:
-            lse0 = tl.load(lse_ptrs, mask=mask_h, other=float("-inf"))
-            o0 = tl.load(mo_ptrs, mask=hd_mask, other=0.0)
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
         BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    if MERGE:
-        first = 0
-        if PREFETCH:
-            m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse0, o0)
-            first = 1
-        for s in range(first, split_base):  # split_base: level 0's split count
+    if MERGE:  # fold in level 0's splits of these queries (loaded here: prefetched, they cost registers)
+        heads = (head0 + offs_h).to(tl.int64)
+        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
+        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
+        for s in range(0, split_base):  # split_base: level 0's split count
             lse = tl.load(lse_ptrs + s, mask=mask_h, other=float("-inf"))
             o = tl.load(mo_ptrs + s * stride_mo_s, mask=hd_mask, other=0.0)
             m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse, o)

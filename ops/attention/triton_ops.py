@@ -150,14 +150,13 @@ def decode_splits(
     req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
     block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
-    merge_into: torch.Tensor | None = None, merge_prefetch: bool = False,
+    merge_into: torch.Tensor | None = None,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
     split_base .. split_base + num_splits - 1. Inputs already checked.
 
     merge_into (cascade level 1 in one split): instead, merge the row's keys with workspace splits
-    0 .. split_base-1 (level 0's) and write the output there; no reduce follows. merge_prefetch: load level
-    0's first split before the keys (its latency hidden, its registers held through the key loop)."""
+    0 .. split_base-1 (level 0's) and write the output there; no reduce follows."""
     mid_o, mid_lse = workspace
     if merge_into is not None and num_splits != 1:
         raise ValueError(f"merging into the output takes one split per row, not {num_splits}")
@@ -178,7 +177,7 @@ def decode_splits(
         GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
-        MERGE=merge_into is not None, PREFETCH=merge_prefetch, HEADS_FASTEST=heads_fastest, UPCAST=upcast,
+        MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast,
         PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 

@@ -151,12 +151,11 @@ def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) 
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-@pytest.mark.parametrize(("fuse_merge", "prefetch"), [(True, False), (True, True), (False, False)])
-def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_merge: bool, prefetch: bool,
+@pytest.mark.parametrize("fuse_merge", [True, False])
+def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_merge: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Level 1 in one split folds level 0's several splits into the output itself, with no reduce kernel
-    (prefetch: the first of them loaded before the keys; fuse_merge=False: the partial and the reduce, as
-    with more splits)."""
+    (fuse_merge=False: the partial and the reduce, as with more splits)."""
     from radixserve.ops.attention import triton_cascade
 
     reduces: list[int] = []
@@ -171,7 +170,7 @@ def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_me
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
                                         case.scale, tensors, min_split_len=48, block_n=(16, 32),
-                                        fuse_merge=fuse_merge, merge_prefetch=prefetch))
+                                        fuse_merge=fuse_merge))
     assert len(reduces) == (0 if fuse_merge else 1)
 
 
