@@ -72,8 +72,9 @@ class EngineConfig:
     chat_template: str | None = None
     log_requests: bool = False
     worker_start_timeout: float = 600.0
-    # The engine gc.freeze()s its process once started, so that full collections skip the start-up heap; an
-    # app embedding the engine that must collect cycles among objects it built before may turn that off.
+    # The engine gc.freeze()s its process once started, so that full collections skip the start-up heap, and
+    # makes full collections 10x rarer; an app embedding the engine that must collect cycles among objects
+    # it built before, or keep the default thresholds, may turn that off.
     # (Worker processes are the engine's own: they always freeze.)
     disable_gc_freeze: bool = False
     extra: dict[str, str] = field(default_factory=dict)

@@ -82,11 +82,11 @@ class CudaGraphRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: lazy inits and autotuning must not happen during capture
-                    self.model.compute_logits(self.model(fb))
+                    self.model.compute_logits(self.model(fb), upcast=False)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self.logits[bs] = self.model.compute_logits(self.model(fb))
+                self.logits[bs] = self.model.compute_logits(self.model(fb), upcast=False)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
@@ -125,7 +125,7 @@ class CudaGraphRunner:
         return bs
 
     def replay(self, bs: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the graph of size `bs` staged last, on these token ids; [B, vocab] float32 logits."""
+        """Run the graph of size `bs` staged last, on these token ids; [B, vocab] logits (model dtype)."""
         num_rows = len(input_ids)
         self.input_ids[:num_rows].copy_(input_ids)
         self.graphs[bs].replay()

@@ -217,7 +217,7 @@ class ModelRunner:
             self.backend.prepare(attn)
             hidden = self.model(ForwardBatch(prep.input_ids, prep.positions, attn, self.backend))  # [T, hidden]
             last = _to_device(prep.starts[sample_rows] + prep.extend_lens[sample_rows] - 1, self.device)
-            logits = self.model.compute_logits(hidden[last]) if len(sample_rows) else None
+            logits = self.model.compute_logits(hidden[last], upcast=False) if len(sample_rows) else None
         return LaunchedStep(prep, hidden, logits)
 
     def needs_mask(self, launched: LaunchedStep) -> bool:

@@ -131,8 +131,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, hidden]
         return self.model(batch)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:  # [N, vocab]
+        """float32 logits; upcast=False: in the model's dtype, for a sampler that widens them only where it
+        must (greedy argmax is the same on the 16-bit values; the float32 copy of 1,000 rows' logits cost
+        ~0.35 ms a decode step on an H100)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a whole HF checkpoint (every tensor, in one call), each rank keeping its shard.

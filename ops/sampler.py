@@ -154,9 +154,14 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == B == len(output_lens), (logits.shape, B)
         assert logits.shape[1] >= self.vocab_size, (logits.shape, self.vocab_size)
         logits = logits[:, : self.vocab_size]  # padded columns: never sampled, not in the softmax
-        if logits.dtype != torch.float32:
-            logits = logits.float()
         plan = self._plan(keys)
+        # Greedy rows with nothing to add to their logits argmax the model's 16-bit values as they are (the
+        # same token as on a float32 copy); everything else works in float32.
+        adds_to_logits = plan.bias is not None or plan.penalties is not None or token_bitmask is not None
+        if logits.dtype != torch.float32 and (
+            plan.sampling is not None or plan.logprob_k is not None or adds_to_logits
+        ):
+            logits = logits.float()
 
         raw_logprobs = torch.log_softmax(logits, dim=-1) if plan.logprob_k is not None else None
         if token_bitmask is not None:
@@ -197,7 +202,7 @@ class Sampler:
         if rows:
             dev = self.device
             indices = (to_device(rows, torch.int64, dev), to_device(cols, torch.int64, dev))
-            logits.index_put_(indices, self._neg_inf)
+            logits.index_put_(indices, self._neg_inf.to(logits.dtype))
 
     def _apply_penalties(self, logits: Tensor, pen: _Penalties) -> None:
         state = self._penalties

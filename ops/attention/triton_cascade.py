@@ -146,7 +146,7 @@ def cascade_decode_attention(
         workspace = decode_workspace(num_rows, num_q_heads, head_dim, splits, q.device)
     check_workspace(workspace, num_rows, num_q_heads, head_dim, splits)
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, even for a strided q
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
     mid_o, mid_lse = workspace

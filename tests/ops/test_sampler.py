@@ -105,6 +105,20 @@ def test_greedy_is_argmax(device: str) -> None:
     assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
 
 
+def test_greedy_on_bf16_logits_argmaxes_them_as_they_are(device: str) -> None:
+    """The runner hands over bf16 logits: plain greedy rows argmax them without a float32 copy (same token),
+    min_new_tokens still masks EOS in them, and a batch that samples works on a float32 copy."""
+    torch.manual_seed(3)
+    logits = torch.randn(8, 100).bfloat16()
+    logits[:, 5] = logits.max() + 1  # the top token: masked below for row 0 (an EOS id) ...
+    logits[:, 0] = logits.max() + 1
+    greedy = [SamplingParams(temperature=0.0, min_new_tokens=2)] + [SamplingParams(temperature=0.0)] * 7
+    out = run(make_sampler(greedy, 100, device=device), logits, output_lens=[0] * 8)
+    assert out.tokens[0] == 5 and (out.tokens[1:] == 0).all()
+    mixed = [SamplingParams(temperature=0.0)] * 4 + [SamplingParams(temperature=1.0, top_k=1)] * 4
+    assert torch.equal(run(make_sampler(mixed, 100, device=device), logits).tokens, logits.float().argmax(-1))
+
+
 def test_top_k_1_is_greedy() -> None:
     torch.manual_seed(1)
     logits = torch.randn(16, 100)

@@ -183,6 +183,13 @@ def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
                                         case.scale, tensors, min_split_len=64))
+    # q as the model passes it: a view into the QKV projection's output (rows strided past K and V)
+    qkv = torch.zeros(case.q.shape[0], 8 + 2 * 2, HEAD_DIM, dtype=case.q.dtype, device=DEVICE)
+    qkv[:, :8] = case.q
+    out = cascade_decode_attention(qkv[:, :8], k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
+                                   case.scale, tensors, min_split_len=64)
+    assert out.is_contiguous()
+    case.check(out)
 
 
 def test_backend_runs_cascade_where_the_plan_pays(monkeypatch: pytest.MonkeyPatch) -> None:
