@@ -101,10 +101,17 @@ class ReqToTokenTable:
     sequence length are stale and never read.
     """
 
+    # Columns are padded to a multiple of this: Triton specializes kernels on strides divisible by 16, and the
+    # attention backends warm their kernels up at start-up on a table with such a row stride. A table of
+    # context_length + 1 columns compiled three cascade kernels again in the middle of a run (~4 s of
+    # stalled steps on an H100).
+    COLUMN_ALIGN = 16
+
     def __init__(self, max_rows: int, max_context: int, device: torch.device | str) -> None:
         self.max_rows = max_rows
         self.max_context = max_context
-        self.table = torch.zeros((max_rows, max_context), dtype=torch.int32, device=device)
+        columns = -(-max_context // self.COLUMN_ALIGN) * self.COLUMN_ALIGN
+        self.table = torch.zeros((max_rows, columns), dtype=torch.int32, device=device)
 
     def write(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """table[rows[i], positions[i]] = slots[i] for every i (one scatter for a whole step)."""

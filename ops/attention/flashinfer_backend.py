@@ -169,8 +169,8 @@ class FlashInferAttentionBackend:
             extend_lens=torch.ones(rows, dtype=torch.int32, device=dev),
             extend_starts=torch.arange(rows, dtype=torch.int32, device=dev),
             out_slots=torch.zeros(rows, dtype=torch.int64, device=dev),
-            # 16 columns: a row stride divisible by 16, as a real table has, so Triton compiles the variant
-            # the steps will use
+            # 16 columns: a row stride divisible by 16, as ReqToTokenTable pads its rows to, so Triton
+            # compiles the variant the steps will use
             req_to_token=torch.zeros(rows, 16, dtype=torch.int32, device=dev),
             seq_lens_cpu=(3, 3), extend_lens_cpu=(1, 1), is_decode=True, shared_lens_cpu=(0, 2),
         )

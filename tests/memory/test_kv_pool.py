@@ -106,12 +106,13 @@ def test_kv_cache_bytes_per_slot() -> None:
 
 def test_req_to_token_write() -> None:
     table = ReqToTokenTable(max_rows=3, max_context=5, device="cpu")
-    assert table.table.shape == (3, 5) and table.table.dtype == torch.int32
+    # rows padded to 16 columns: the row stride the attention kernels are compiled for at start-up
+    assert table.table.shape == (3, 16) and table.table.dtype == torch.int32 and table.max_context == 5
     rows = torch.tensor([0, 0, 2, 1])
     positions = torch.tensor([0, 1, 4, 2])
     slots = torch.tensor([7, 8, 9, 10], dtype=torch.int64)  # cast to int32 on write
     table.write(rows, positions, slots)
-    expected = torch.zeros(3, 5, dtype=torch.int32)
+    expected = torch.zeros(3, 16, dtype=torch.int32)
     expected[0, 0], expected[0, 1], expected[2, 4], expected[1, 2] = 7, 8, 9, 10
     assert torch.equal(table.table, expected)
     table.write(torch.tensor([0]), torch.tensor([1]), torch.tensor([11], dtype=torch.int32))
