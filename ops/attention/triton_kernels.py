@@ -114,7 +114,9 @@ def _fold_split(m_i, l_i, acc, lse, o):
 
 
 # Split counts vary from step to step: not specializing on them (Triton specializes ints equal to 1 or
-# divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture.
+# divisible by 16) keeps one compiled variant, so no compile can fall inside a CUDA-graph capture. The
+# table's row stride stays specialized (divisible by 16, ReqToTokenTable pads its rows: aligned slot loads),
+# and the start-up warm-up compiles that variant.
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "split_base"])
 def _decode_split_kernel(
     Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse, Out,
