@@ -163,7 +163,7 @@ def _decode_split_kernel(
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
         BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    if MERGE:  # fold in level 0's splits of these queries (loaded here: prefetched, they cost registers)
+    if MERGE:  # fold in level 0's splits (loaded now: loaded early, they held registers through the keys)
         heads = (head0 + offs_h).to(tl.int64)
         lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
         mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
