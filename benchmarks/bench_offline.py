@@ -52,6 +52,8 @@ from radixserve.benchmarks.gc_pauses import GcPauses
 from radixserve.benchmarks.gc_pauses import summarize as gc_pauses_summary
 from radixserve.benchmarks.step_timer import (
     END,
+    HOST_BEGIN,
+    HOST_END,
     LAUNCH,
     ROWS,
     STEP,
@@ -70,6 +72,7 @@ WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN = 256, 16  # SGLang's bench_offline_throughp
 DECODE_ROW_BUCKETS: tuple[tuple[int, int | None], ...] = (
     (1, 16), (17, 64), (65, 160), (161, 256), (257, 512), (513, None),
 )
+SLOWEST_STEPS = 3  # --step-timing lists this many of the longest steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,18 @@ class StepKindStats:
     mean_rows: float  # requests per step
     mean_tokens: float  # tokens through the model per step (prompt tokens + one per decode row)
     tokens_per_s: float  # sum(tokens) / period_s
+    # The worker's host time on these steps (prepare, launch, finish: host_end - host_begin). Near period_s,
+    # the host is what paces them: the device waits for launches.
+    host_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SlowStep:
+    step: int
+    rows: int
+    tokens: int
+    period_ms: float
+    host_ms: float  # the worker's host time on it: a stall far above the usual (a compile, say) shows here
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,7 @@ class StepBreakdown:
     kinds: tuple[StepKindStats, ...]  # decode_graph, decode_eager, mixed
     decode_rows: tuple[RowBucket, ...]  # decode steps by rows (DECODE_ROW_BUCKETS)
     profiler_export_s: float = 0.0  # the gap left out: the worker writing the profiler's trace
+    slowest: tuple[SlowStep, ...] = ()  # the longest periods, longest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +230,7 @@ def step_breakdown(
             idle[i] = 0.0
     span = float(period.sum())
     decode = tokens == rows
+    host = (steps[:, HOST_END] - steps[:, HOST_BEGIN]) / 1e3
 
     def share(seconds: float) -> float:
         return seconds / span if span > 0 else 0.0
@@ -225,6 +242,7 @@ def step_breakdown(
             mean_rows=float(rows[mask].mean()) if n else 0.0,
             mean_tokens=float(tokens[mask].mean()) if n else 0.0,
             tokens_per_s=float(tokens[mask].sum()) / seconds if seconds > 0 else 0.0,
+            host_s=float(np.nansum(host[mask])),
         )
 
     buckets = []
@@ -247,6 +265,11 @@ def step_breakdown(
         ),
         decode_rows=tuple(buckets),
         profiler_export_s=export,
+        slowest=tuple(
+            SlowStep(int(steps[i, STEP]), int(rows[i]), int(tokens[i]), float(period[i] * 1e3),
+                     float(host[i] * 1e3))
+            for i in np.argsort(-period, kind="stable")[:SLOWEST_STEPS]
+        ),
     )
 
 
@@ -369,10 +392,14 @@ def report_steps(b: StepBreakdown) -> None:
               "mixed": "mixed / prefill"}
     print(f"\nDevice time by kind of step ({b.clock} clock, {b.steps} steps, span {b.span_s:.3f} s)")
     print_grid(
-        ["kind", "steps", "period s", "share %", "idle s", "mean rows", "mean tokens", "tok/s"],
-        [(labels[k.kind], k.steps, k.period_s, 100 * k.share, k.idle_s, k.mean_rows, k.mean_tokens,
+        ["kind", "steps", "period s", "share %", "idle s", "host s", "mean rows", "mean tokens", "tok/s"],
+        [(labels[k.kind], k.steps, k.period_s, 100 * k.share, k.idle_s, k.host_s, k.mean_rows, k.mean_tokens,
           round(k.tokens_per_s)) for k in b.kinds],
     )
+    print("(host s: the worker's host time on those steps; near their period, launches pace the device)")
+    print("Slowest steps: " + "; ".join(
+        f"step {s.step} ({s.rows} rows, {s.tokens} tokens) {s.period_ms:.1f} ms, host {s.host_ms:.1f} ms"
+        for s in b.slowest))
     print("\nDecode steps by rows")
     print_grid(["rows", "steps", "period s", "share %"],
                [(r.rows, r.steps, r.period_s, 100 * r.share) for r in b.decode_rows])

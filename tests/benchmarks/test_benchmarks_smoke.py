@@ -226,6 +226,7 @@ def test_offline_step_breakdown_splits_device_time_by_kind() -> None:
     spec = [(4, 3, 50, 12.0, 15.0), (0, 2, 100, 0.0, 4.0), (2, 200, 200, 6.5, 9.0), (1, 2, 2, 5.0, 6.0),
             (5, 600, 600, 15.5, 17.0), (3, 20, 20, 9.0, 10.0), (6, 4, 4, float("nan"), 18.0)]
     steps = np.array([[i, r, t, la - 0.5, la, e, 0.0, 0.0, 0.0] for i, r, t, la, e in spec])
+    steps[:, 8] = [2.5, 3.0, 1.0, 0.5, 1.0, 0.5, 0.0]  # host_end - host_begin (ms): the worker's host time
     b = bench_offline.step_breakdown(steps, graph_max_rows=160, clock="host")
     assert (b.steps, b.clock, b.graph_max_rows) == (6, "host", 160)
     assert b.span_s == pytest.approx(0.017) and b.idle_s == pytest.approx(0.004)
@@ -242,6 +243,10 @@ def test_offline_step_breakdown_splits_device_time_by_kind() -> None:
     assert (mixed.mean_rows, mixed.mean_tokens) == (2.5, 75)
     assert mixed.tokens_per_s == pytest.approx(150 / 0.0085)
     assert sum(k.share for k in b.kinds) == pytest.approx(1.0)
+    assert (graph.host_s, eager.host_s, mixed.host_s) == pytest.approx((0.001, 0.002, 0.0055))
+    # the longest periods first, each with its host time
+    assert [(s.step, s.rows, s.tokens) for s in b.slowest] == [(0, 2, 100), (4, 3, 50), (3, 20, 20)]
+    assert b.slowest[0].period_ms == pytest.approx(5.0) and b.slowest[0].host_ms == pytest.approx(3.0)
     hist = {r.rows: (r.steps, round(r.period_s * 1e3, 6)) for r in b.decode_rows}
     assert hist == {"1-16": (1, 1.5), "17-64": (1, 3.0), "65-160": (0, 0.0), "161-256": (1, 2.5),
                     "257-512": (0, 0.0), ">512": (1, 1.5)}
