@@ -323,7 +323,8 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
         trace = str(Path(args.result_dir or tmp) / f"trace_{kind}_steps.json")
         window = args.profile_mixed_steps or args.profile_decode_steps
         cfg = StepTimingConfig(out_dir=tmp, profile_steps=window, profile_skip=5, trace_path=trace,
-                               profile_mixed=mixed, min_rows=args.profile_min_rows)
+                               profile_mixed=mixed, min_rows=args.profile_min_rows,
+                               profile_host=args.profile_host)
         engine_gc = GcPauses().install()
         with step_timing_env(cfg, Path(tmp)):
             result, measured = anyio.run(benchmark, args, backend_options={"use_uvloop": True})
@@ -349,6 +350,9 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
             print_grid(["at ms", "gap ms", "next op"], gpu_trace.largest_gaps(trace))
         else:
             print("(no device kernels in the trace: a CPU run)")
+        if args.profile_host:
+            print(f"\nHost-side torch ops of the same {profiled} steps (inclusive host time)")
+            print_grid(["op", "count", "ms", "mean us"], gpu_trace.host_op_totals(trace))
     steps = steps_between(dump, measured.start_ns, measured.end_ns)
     stop = (dump.get("profiled_steps") or [None, None])[1] if profiled else None
     breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"], profiler_stop=stop)
@@ -425,6 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the same for decode steps (one token per row)")
     parser.add_argument("--profile-min-rows", type=int, default=1,
                         help="profiled steps have at least this many rows")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="the profiler window also records host-side torch ops, and lists them by host "
+                             "time (where a host-paced step's launch time goes)")
     add_common_args(parser)
     add_dataset_args(parser)
     add_engine_args(parser)
@@ -433,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--profile-mixed-steps and --profile-decode-steps: one profiler window per run")
     if (args.profile_mixed_steps or args.profile_decode_steps) and not args.step_timing:
         parser.error("the profiler window needs --step-timing")
+    if args.profile_host and not (args.profile_mixed_steps or args.profile_decode_steps):
+        parser.error("--profile-host needs --profile-decode-steps or --profile-mixed-steps")
     return args
 
 

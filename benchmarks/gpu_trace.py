@@ -67,6 +67,20 @@ def kernel_totals(trace: dict[str, Any], top: int = 15) -> list[tuple[str, int, 
     return [(name, int(count), total) for name, (count, total) in ranked]
 
 
+def host_op_totals(trace: dict[str, Any], top: int = 15) -> list[tuple[str, int, float, float]]:
+    """The `top` host-side torch ops (category cpu_op, recorded with the profiler's CPU activity) by total
+    host time: (name cut to 60 chars, count, total ms, mean us). Durations are inclusive (an op's own nested
+    ops are in it too), so read top-level ops such as aten::linear by themselves."""
+    totals: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
+            entry = totals.setdefault(str(e.get("name", ""))[:60], [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(e.get("dur", 0.0)) / 1e3
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(name, int(count), total, 1e3 * total / count) for name, (count, total) in ranked]
+
+
 def largest_gaps(trace: dict[str, Any], top: int = 8) -> list[tuple[float, float, str]]:
     """The `top` longest stretches with nothing on the GPU: (ms into the window, gap ms, name of the operation
     that ends it cut to 60 chars), longest first. Inside a step, a gap before an attention kernel is the GPU

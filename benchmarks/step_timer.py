@@ -51,6 +51,7 @@ class StepTimingConfig:
     profile_steps: int = 0  # 0: no torch.profiler trace
     trace_path: str = ""
     profile_mixed: bool = False  # the window counts steps with prompt tokens instead of decode steps
+    profile_host: bool = False  # the window also records host-side torch ops (their host durations)
     max_steps: int = 200_000
 
     def to_env(self) -> str:
@@ -141,6 +142,8 @@ class StepTimer:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CUDA] if self.clock.cuda else [ProfilerActivity.CPU]
+            if cfg.profile_host and ProfilerActivity.CPU not in activities:
+                activities.append(ProfilerActivity.CPU)
             self.profiler = profile(activities=activities)
             self.profiler.start()
             self.profiled = [step, step]

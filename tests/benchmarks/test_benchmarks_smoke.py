@@ -199,6 +199,17 @@ def test_largest_gaps_name_the_operation_after_each() -> None:
     assert gpu_trace.largest_gaps({"traceEvents": events}, top=1) == [(0.02, 0.02, "norm")]
 
 
+def test_host_op_totals_rank_torch_ops_by_host_time() -> None:
+    events = [{"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0.0, "dur": 150.0},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 200.0, "dur": 50.0},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 10.0, "dur": 3.0},
+              {"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 5.0, "dur": 500.0},  # device: not host
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 20.0, "dur": 6.0}]
+    assert gpu_trace.host_op_totals({"traceEvents": events}) == [
+        ("aten::linear", 2, pytest.approx(0.2), pytest.approx(100.0)),
+        ("aten::empty", 1, pytest.approx(0.003), pytest.approx(3.0))]
+
+
 def _steps(spec: list[tuple[int, int]]) -> np.ndarray:
     """step_timer records from (rows, tokens) per step: 1 ms steps, the GPU idle 0.1 ms before each launch."""
     rows = []
@@ -364,6 +375,25 @@ def test_bench_offline_step_timing_covers_the_measured_run(
     assert result.cached_tokens == 0 and steps[:, 2].sum() == expected
     assert sum(k.steps for k in b.kinds) == b.steps and b.kinds[2].steps >= 1
     assert sum(k.share for k in b.kinds) == pytest.approx(1.0) and 0 < b.span_s <= result.duration_s
+
+
+@pytest.mark.timeout(120)
+def test_bench_offline_profiles_host_ops_of_decode_steps(
+    tiny_model: Path, tmp_path: Path, one_thread: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_offline.main([
+        "--model-path", str(tiny_model), "--num-prompts", "2", "--random-input-len", "16",
+        "--random-output-len", "16", "--random-range-ratio", "1", "--warmup-prompts", "0",
+        "--max-total-tokens", "1024", "--step-timing", "--profile-decode-steps", "2", "--profile-host",
+        "--result-dir", str(tmp_path),
+    ])
+    out = capsys.readouterr().out
+    assert "Kernels of 2 decode steps" in out and "Host-side torch ops of the same 2 steps" in out
+    ops = gpu_trace.host_op_totals(gpu_trace.load_trace(tmp_path / "trace_decode_steps.json"))
+    assert ops and all(count >= 1 and total > 0 for _, count, total, _ in ops)
+    assert any(name.startswith("aten::") for name, *_ in ops)
+    with pytest.raises(SystemExit):  # a host profile needs a profiler window
+        bench_offline.parse_args(["--model-path", str(tiny_model), "--step-timing", "--profile-host"])
 
 
 @pytest.mark.timeout(120)
