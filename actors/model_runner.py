@@ -268,7 +268,7 @@ class ModelRunner:
         if out is not None and out.logprobs is not None:
             out = SampleOutput(out.tokens, _host(out.logprobs), *(None if t is None else _host(t)
                                                                    for t in (out.top_ids, out.top_logprobs)))
-        prompt_lps = [(b, k, tuple(_host(t) for t in lp)) for b, k, lp in prompt_lps]
+        prompt_lps = [(b, k, (_host(lps), _host(ids), _host(tops))) for b, k, (lps, ids, tops) in prompt_lps]
         host_tokens = _host(tokens)
         event = None
         if self.device.type == "cuda":

@@ -62,20 +62,20 @@ def _splits(
     return max(1, min(splits, triton.cdiv(longest, min_split_len), max_splits))
 
 
-def cascade_tensors(
-    plan: CascadePlan, seq_lens: tuple[int, ...], num_q_heads: int, num_kv_heads: int, device: torch.device,
-    *, num_sms: int, min_split_len: int = CASCADE_MIN_SPLIT_LEN, max_splits: int = MAX_LEVEL_SPLITS,
-    prefix_block_m: int = PREFIX_BLOCK_M, prefix_waves: int = 2,
-) -> CascadeTensors:
-    """The step's CascadeTensors: each group cut into blocks of prefix_block_m // GQA rows; level 0 split
-    over about `prefix_waves` waves of programs, level 1 over two (prefix_block_m and prefix_waves are for
-    tuning: check_gpu_path --tune-cascade)."""
-    group = num_q_heads // num_kv_heads
+def check_block_m(prefix_block_m: int, group: int) -> int:
+    """Rows a level-0 block holds: prefix_block_m queries of `group` q heads each."""
     if prefix_block_m < 16 or prefix_block_m & (prefix_block_m - 1):
         raise ValueError(f"prefix_block_m must be a power of two >= 16 (tl.dot's least M): {prefix_block_m}")
     if group > prefix_block_m:
         raise ValueError(f"cascade attention takes at most {prefix_block_m} q heads per kv head, not {group}")
-    rows_per_block = prefix_block_m // group
+    return prefix_block_m // group
+
+
+def level0_blocks(
+    plan: CascadePlan, rows_per_block: int
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Each group cut into blocks of at most rows_per_block rows: (first row, rows, the group's first row,
+    prefix length) of every block, as four columns."""
     firsts: list[int] = []
     counts: list[int] = []
     owners: list[int] = []
@@ -87,6 +87,19 @@ def cascade_tensors(
             counts.append(min(rows_per_block, end - row0))
             owners.append(start)
             lens.append(prefix_len)
+    return firsts, counts, owners, lens
+
+
+def cascade_tensors(
+    plan: CascadePlan, seq_lens: tuple[int, ...], num_q_heads: int, num_kv_heads: int, device: torch.device,
+    *, num_sms: int, min_split_len: int = CASCADE_MIN_SPLIT_LEN, max_splits: int = MAX_LEVEL_SPLITS,
+    prefix_block_m: int = PREFIX_BLOCK_M, prefix_waves: int = 2,
+) -> CascadeTensors:
+    """The step's CascadeTensors: each group cut into blocks of prefix_block_m // GQA rows; level 0 split
+    over about `prefix_waves` waves of programs, level 1 over two (prefix_block_m and prefix_waves are for
+    tuning: check_gpu_path --tune-cascade)."""
+    rows_per_block = check_block_m(prefix_block_m, num_q_heads // num_kv_heads)
+    firsts, counts, owners, lens = level0_blocks(plan, rows_per_block)
     host = firsts + counts + owners + lens + list(plan.row_prefix_lens)
     packed = torch.tensor(host, dtype=torch.int32)
     if device.type == "cuda":  # the caching host allocator keeps the pinned block until the copy has run

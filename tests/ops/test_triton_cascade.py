@@ -218,3 +218,53 @@ def test_rejects_a_plan_for_other_rows() -> None:
     with pytest.raises(ValueError, match="cascade plan has 5 rows"):
         cascade_decode_attention(case.q[:4], case.cache.k_buffers[0], case.cache.v_buffers[0], b.req_to_token,
                                  b.req_rows[:4], b.seq_lens[:4], case.scale, tensors)
+
+
+def _padded(case: SharedPrefixCase, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, req_rows and seq_lens of the case's rows padded to max_rows as a CUDA graph pads them: zero queries
+    on a table row of zeros (slot 0, one key)."""
+    b = case.batch
+    n, pad_row = b.num_rows, next(r for r in range(b.req_to_token.shape[0]) if r not in b.req_rows.tolist())
+    q = torch.zeros(max_rows, *case.q.shape[1:], dtype=case.q.dtype, device=DEVICE)
+    q[:n] = case.q
+    req_rows = torch.full((max_rows,), pad_row, dtype=torch.int64, device=DEVICE)
+    req_rows[:n] = b.req_rows
+    seq_lens = torch.ones(max_rows, dtype=torch.int32, device=DEVICE)
+    seq_lens[:n] = b.seq_lens
+    return q, req_rows, seq_lens
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_graph_shaped_cascade_on_reused_buffers(kv_dtype: torch.dtype) -> None:
+    """GraphCascade's fixed grids over padded rows match attention over whole rows, step after step on the
+    same buffers (a smaller step after a larger one: no stale block survives), padding rows stay finite."""
+    from radixserve.ops.attention.graph_cascade import GraphCascade
+
+    graph = GraphCascade(40, 8, 2, HEAD_DIM, torch.device(DEVICE))
+    for groups in (GROUPS, GROUPS[:2]):
+        case = SharedPrefixCase(groups, 8, 2, torch.bfloat16, kv_dtype, seed=len(groups))
+        n = case.batch.num_rows
+        graph.load(_plan(case), n)
+        q, req_rows, seq_lens = _padded(case, graph.max_rows)
+        out = cascade_decode_attention(
+            q, case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER], case.batch.req_to_token, req_rows,
+            seq_lens, case.scale, graph.tensors, workspace=graph.workspace, block_n=(16, 16))
+        case.check(out[:n])
+        assert torch.isfinite(out[n:].float()).all()
+
+
+def test_graph_cascade_plan_layout() -> None:
+    from radixserve.ops.attention.graph_cascade import GraphCascade
+
+    graph = GraphCascade(8, 8, 2, HEAD_DIM, torch.device("cpu"), prefix_block_m=16)  # 4 rows a block
+    plan = CascadePlan(group_starts=(0, 5, 6), prefix_lens=(30, 9), row_prefix_lens=(30,) * 5 + (9,),
+                       saved_tokens=120)
+    host = graph.host_plan(plan, 6).reshape(5, 8)
+    # blocks: group 0 in rows 0-3 and 4, row 5 alone, padding rows 6-7 with no prefix, then unused zeros
+    assert host[0].tolist() == [0, 4, 5, 6, 0, 0, 0, 0]  # first row
+    assert host[1].tolist() == [4, 1, 1, 2, 0, 0, 0, 0]  # rows
+    assert host[2].tolist() == [0, 0, 5, 6, 0, 0, 0, 0]  # the group's first row
+    assert host[3].tolist() == [30, 30, 9, 0, 0, 0, 0, 0]  # prefix length
+    assert host[4].tolist() == [30, 30, 30, 30, 30, 9, 0, 0]  # kv_starts
+    with pytest.raises(ValueError, match="a plan for 6 rows, a step of 7 rows"):
+        graph.host_plan(plan, 7)
