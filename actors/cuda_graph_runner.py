@@ -7,6 +7,12 @@ write only the padding slot 0 through the reserved request row `pad_row`, whose 
 Static inputs live in one place (this object); before a replay the runner copies the step's inputs into them
 and re-plans the attention wrapper of that size (host work, outside the graph): `stage` does all but the token
 ids, which may be the previous step's samples, and `replay` copies those and launches the graph.
+
+Two families of graphs: plain decode (FlashInfer's decode kernels) up to cuda_graph_max_bs rows, and, with
+RADIXSERVE_CASCADE_GRAPHS=1 over a Triton-cascade backend (FP8 pools), cascade decode past that, every 128
+rows up to the running-request limit (GraphCascade: fixed grids, the step's cascade plan copied into static
+buffers by `stage_cascade`). Big eager cascade steps are paced by the host's launches (session 8 on an H100:
+~36-41 ms of host time a 1,000-row step); NOTE: the cascade family is not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -16,13 +22,25 @@ from typing import Any
 
 import torch
 
+from radixserve.ops.attention.cascade import CascadePlan
 from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBackend, gather_kv_indices
+from radixserve.ops.attention.graph_cascade import GraphCascade
 from radixserve.ops.forward_batch import AttentionBatch, ForwardBatch
+
+CASCADE_GRAPHS_ENV = "RADIXSERVE_CASCADE_GRAPHS"  # =1: capture the cascade family too (see the docstring)
+CASCADE_SIZE_STEP = 128  # rows between cascade graph sizes: at most 127 padding rows (~3% of 1,000)
 
 
 def capture_sizes(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 8))
     return [s for s in sizes if s <= max_bs] or [max_bs]
+
+
+def cascade_capture_sizes(above: int, max_rows: int) -> list[int]:
+    """Cascade graph sizes past the plain family's largest (`above`): every CASCADE_SIZE_STEP rows, the last
+    one max_rows itself (a batch never has more rows than that)."""
+    sizes = [s for s in range(CASCADE_SIZE_STEP, max_rows, CASCADE_SIZE_STEP) if s > above]
+    return sizes + [max_rows] if max_rows > above else []
 
 
 class CudaGraphRunner:
@@ -34,6 +52,7 @@ class CudaGraphRunner:
         pad_row: int,
         max_bs: int,
         max_context: int,
+        cascade_max_bs: int = 0,  # > 0: the cascade family up to this many rows (CASCADE_GRAPHS_ENV)
     ) -> None:
         self.model = model
         self.backend = backend
@@ -43,7 +62,12 @@ class CudaGraphRunner:
         self.max_bs = self.sizes[-1]
         self.max_context = max_context
         device = req_to_token.device
-        bs = self.max_bs
+        self.cascade_sizes = cascade_capture_sizes(self.max_bs, cascade_max_bs) if cascade_max_bs else []
+        self.cascades = {
+            bs: GraphCascade(bs, backend.num_q_heads, backend.num_kv_heads, backend.head_dim, device)
+            for bs in self.cascade_sizes
+        }
+        bs = max(self.sizes + self.cascade_sizes)  # static inputs for the largest graph of either family
         self.input_ids = torch.zeros(bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(bs, dtype=torch.int64, device=device)
         self.out_slots = torch.zeros(bs, dtype=torch.int64, device=device)
@@ -58,6 +82,8 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.wrappers: dict[int, Any] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_logits: dict[int, torch.Tensor] = {}
         self.pool: Any = None
 
     def _batch(self, bs: int, seq_lens_cpu: tuple[int, ...]) -> AttentionBatch:
@@ -71,6 +97,12 @@ class CudaGraphRunner:
     def capture(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        for bs in reversed(self.cascade_sizes):  # larger than every plain size: first
+            batch = self._batch(bs, (1,) * bs)
+            self.cascades[bs].load_padding()  # at capture every row is a padding row
+            self.backend.use_graph_cascade(self.cascades[bs], batch)
+            self.cascade_graphs[bs], self.cascade_logits[bs] = self._capture(bs, batch, stream)
+            self.backend.end_graph_cascade()
         for bs in reversed(self.sizes):
             wrapper = self.backend.make_graph_decode_wrapper(
                 bs, self.kv_indptr, self.kv_indices, self.kv_last_page_len
@@ -78,21 +110,60 @@ class CudaGraphRunner:
             self.wrappers[bs] = wrapper
             batch = self._batch(bs, (1,) * bs)
             self.backend.plan_decode(wrapper, batch, gather_kv_indices(batch, bs).to(torch.int32))
-            fb = ForwardBatch(self.input_ids[:bs], self.positions[:bs], batch, self.backend)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up: lazy inits and autotuning must not happen during capture
-                    self.model.compute_logits(self.model(fb), upcast=False)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self.logits[bs] = self.model.compute_logits(self.model(fb), upcast=False)
-            self.graphs[bs] = graph
+            self.graphs[bs], self.logits[bs] = self._capture(bs, batch, stream)
         torch.cuda.synchronize()
+
+    def _capture(
+        self, bs: int, batch: AttentionBatch, stream: torch.cuda.Stream
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        fb = ForwardBatch(self.input_ids[:bs], self.positions[:bs], batch, self.backend)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: lazy inits and autotuning must not happen during capture
+                self.model.compute_logits(self.model(fb), upcast=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            logits = self.model.compute_logits(self.model(fb), upcast=False)
+        return graph, logits
 
     def padded_size(self, num_rows: int) -> int | None:
         i = bisect.bisect_left(self.sizes, num_rows)
         return self.sizes[i] if i < len(self.sizes) else None
+
+    def cascade_size(self, num_rows: int) -> int | None:
+        """The cascade graph a decode step of num_rows rows would replay (None: none captured for it)."""
+        i = bisect.bisect_left(self.cascade_sizes, num_rows)
+        return self.cascade_sizes[i] if i < len(self.cascade_sizes) else None
+
+    def _stage_inputs(
+        self, bs: int, positions: torch.Tensor, out_slots: torch.Tensor, req_rows: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        num_rows = len(seq_lens)
+        self.positions[:num_rows].copy_(positions)
+        self.out_slots[:num_rows].copy_(out_slots)
+        self.req_rows[:num_rows].copy_(req_rows)
+        self.seq_lens[:num_rows].copy_(seq_lens)
+        if bs > num_rows:  # padding rows: token 0 at position 0 of the all-zero pad row, written to slot 0
+            self.input_ids[num_rows:bs].zero_()
+            self.positions[num_rows:bs].zero_()
+            self.out_slots[num_rows:bs].zero_()
+            self.req_rows[num_rows:bs].fill_(self.pad_row)
+            self.seq_lens[num_rows:bs].fill_(1)
+
+    def stage_cascade(
+        self, positions: torch.Tensor, out_slots: torch.Tensor, req_rows: torch.Tensor,
+        seq_lens: torch.Tensor, plan: CascadePlan,
+    ) -> int:
+        """As `stage`, for the cascade graph of the step's padded size: its inputs and cascade `plan` (made
+        for these rows) into the static buffers; returns that size."""
+        num_rows = len(seq_lens)
+        bs = self.cascade_size(num_rows)
+        assert bs is not None, f"no cascade CUDA graph for batch size {num_rows}"
+        self._stage_inputs(bs, positions, out_slots, req_rows, seq_lens)
+        self.cascades[bs].load(plan, num_rows)
+        return bs
 
     def stage(
         self,
@@ -108,25 +179,20 @@ class CudaGraphRunner:
         num_rows = len(seq_lens_cpu)
         bs = self.padded_size(num_rows)
         assert bs is not None, f"no CUDA graph for batch size {num_rows}"
-        self.positions[:num_rows].copy_(positions)
-        self.out_slots[:num_rows].copy_(out_slots)
-        self.req_rows[:num_rows].copy_(req_rows)
-        self.seq_lens[:num_rows].copy_(seq_lens)
-        if bs > num_rows:  # padding rows: token 0 at position 0 of the all-zero pad row, written to slot 0
-            self.input_ids[num_rows:bs].zero_()
-            self.positions[num_rows:bs].zero_()
-            self.out_slots[num_rows:bs].zero_()
-            self.req_rows[num_rows:bs].fill_(self.pad_row)
-            self.seq_lens[num_rows:bs].fill_(1)
+        self._stage_inputs(bs, positions, out_slots, req_rows, seq_lens)
         padded_lens = seq_lens_cpu + (1,) * (bs - num_rows)
         batch = self._batch(bs, padded_lens)
         indices = gather_kv_indices(batch, sum(padded_lens)).to(torch.int32)  # plan copies it into kv_indices
         self.backend.plan_decode(self.wrappers[bs], batch, indices)
         return bs
 
-    def replay(self, bs: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the graph of size `bs` staged last, on these token ids; [B, vocab] logits (model dtype)."""
+    def replay(self, bs: int, input_ids: torch.Tensor, cascade: bool = False) -> torch.Tensor:
+        """Run the graph of size `bs` staged last (by `stage`, or `stage_cascade` with cascade=True), on
+        these token ids; [B, vocab] logits (model dtype)."""
         num_rows = len(input_ids)
         self.input_ids[:num_rows].copy_(input_ids)
+        if cascade:
+            self.cascade_graphs[bs].replay()
+            return self.cascade_logits[bs][:num_rows]
         self.graphs[bs].replay()
         return self.logits[bs][:num_rows]

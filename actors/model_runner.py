@@ -22,6 +22,7 @@ import torch
 from radixserve.actors.cuda_graph_runner import CudaGraphRunner
 from radixserve.actors.messages import AppendedTokens, NewRequest, PromptLogprobs, StepPlan, StepResult
 from radixserve.memory.kv_pool import KVCache, ReqToTokenTable
+from radixserve.ops.attention.cascade import plan_cascade
 from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch, ForwardBatch
 from radixserve.ops.penalties import to_device
 from radixserve.ops.sampler import SampleOutput, Sampler, token_logprobs
@@ -106,6 +107,7 @@ class PreparedStep:
     starts: np.ndarray  # [B] offset of each row's first new token
     extend_lens: np.ndarray
     graph_size: int | None  # the CUDA graph staged for this step, or None for an eager forward
+    graph_cascade: bool = False  # that graph is of the cascade family (CudaGraphRunner.stage_cascade)
 
 
 @dataclass(slots=True)
@@ -210,11 +212,18 @@ class ModelRunner:
             seq_lens_cpu=tuple(seq_lens.tolist()), extend_lens_cpu=tuple(extend_lens.tolist()),
             is_decode=T == B, shared_lens_cpu=tuple(_arr(plan.shared_lens, "<i4").tolist()),
         )
-        graph_size = None
-        if attn.is_decode and self.graphs is not None and self.graphs.padded_size(B) is not None:
-            graph_size = self.graphs.stage(positions_t, out_slots, rows_t, attn.seq_lens, attn.seq_lens_cpu)
+        graph_size, graph_cascade = None, False
+        graphs, seq_t32 = self.graphs, attn.seq_lens
+        if attn.is_decode and graphs is not None:
+            if graphs.padded_size(B) is not None:
+                graph_size = graphs.stage(positions_t, out_slots, rows_t, seq_t32, attn.seq_lens_cpu)
+            elif graphs.cascade_size(B) is not None and any(attn.shared_lens_cpu):
+                cascade = plan_cascade(attn.seq_lens_cpu, attn.shared_lens_cpu)
+                if cascade is not None:  # else an eager step of plain decode
+                    graph_size = graphs.stage_cascade(positions_t, out_slots, rows_t, seq_t32, cascade)
+                    graph_cascade = True
         return PreparedStep(plan, attn, input_ids, positions_t, prev_at, prev_idx, sample_rows, starts,
-                            extend_lens, graph_size)
+                            extend_lens, graph_size, graph_cascade)
 
     @torch.inference_mode()
     def launch(self, prep: PreparedStep) -> LaunchedStep:
@@ -225,7 +234,7 @@ class ModelRunner:
         hidden = logits = None
         if prep.graph_size is not None:
             assert self.graphs is not None
-            logits = self.graphs.replay(prep.graph_size, prep.input_ids)
+            logits = self.graphs.replay(prep.graph_size, prep.input_ids, cascade=prep.graph_cascade)
             if len(sample_rows) != B:
                 logits = logits[_to_device(sample_rows, self.device)]
         else:

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from radixserve.errors import UnsupportedFeatureError
 from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
+from radixserve.ops.attention.graph_cascade import GraphCascade
 from radixserve.ops.attention.triton_cascade import (
     CASCADE_MIN_SPLIT_LEN,
     CascadeTensors,
@@ -185,6 +187,19 @@ class FlashInferAttentionBackend:
                                      batch.req_rows, batch.seq_lens, self.scale, tensors, workspace=workspace,
                                      fuse_merge=False)
         self._cascade, self._triton_cascade, self.num_cascade_steps = False, None, 0
+
+    def use_graph_cascade(self, graph: GraphCascade, batch: AttentionBatch) -> None:
+        """Until end_graph_cascade, run decode steps as Triton cascade over `graph`'s static plan and
+        workspace (a cascade CUDA graph's capture: at each replay the plan is what graph.load last wrote)."""
+        if not self.cascade_on_triton:
+            raise UnsupportedFeatureError(
+                "cascade CUDA graphs run the Triton cascade kernels: an FP8 KV cache, or "
+                f"{CASCADE_KERNELS_ENV}=triton")
+        self._cascade, self._split = False, 0
+        self._triton_cascade = (graph.tensors, graph.workspace, batch)
+
+    def end_graph_cascade(self) -> None:
+        self._triton_cascade = None
 
     def make_graph_decode_wrapper(
         self, bs: int, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor

@@ -50,12 +50,14 @@ class GraphCascade:
         # both levels' split columns (level 1 merges instead of writing its own: the second stays unused)
         self.workspace = decode_workspace(max_rows, num_q_heads, head_dim, 2, device)
 
-    def host_plan(self, plan: CascadePlan, num_rows: int) -> np.ndarray:
-        """The buffer's contents for a step of num_rows rows (the rest padding) planned as `plan`."""
-        if len(plan.row_prefix_lens) != num_rows or not 0 < num_rows <= self.max_rows:
-            raise ValueError(f"a plan for {len(plan.row_prefix_lens)} rows, a step of {num_rows} rows, "
-                             f"a graph of {self.max_rows}")
-        firsts, counts, owners, lens = level0_blocks(plan, self.rows_per_block)
+    def host_plan(self, plan: CascadePlan | None, num_rows: int) -> np.ndarray:
+        """The buffer's contents for a step of num_rows rows (the rest padding) planned as `plan` (None with
+        num_rows 0: every row padding, as at capture)."""
+        planned = len(plan.row_prefix_lens) if plan is not None else 0
+        if planned != num_rows or not 0 <= num_rows <= self.max_rows:
+            raise ValueError(
+                f"a plan for {planned} rows, a step of {num_rows} rows, a graph of {self.max_rows}")
+        firsts, counts, owners, lens = level0_blocks(plan, self.rows_per_block) if plan else ([], [], [], [])
         for row0 in range(num_rows, self.max_rows, self.rows_per_block):  # padding rows: empty prefixes
             firsts.append(row0)
             counts.append(min(self.rows_per_block, self.max_rows - row0))
@@ -66,10 +68,15 @@ class GraphCascade:
         host = np.zeros(5 * n, dtype=np.int32)
         for k, column in enumerate((firsts, counts, owners, lens)):
             host[k * n : k * n + nb] = column
-        host[4 * n : 4 * n + num_rows] = plan.row_prefix_lens
+        if plan is not None:
+            host[4 * n : 4 * n + num_rows] = plan.row_prefix_lens
         return host
 
-    def load(self, plan: CascadePlan, num_rows: int) -> None:
+    def load_padding(self) -> None:
+        """Every row a padding row (a CUDA-graph capture's batch)."""
+        self.load(None, 0)
+
+    def load(self, plan: CascadePlan | None, num_rows: int) -> None:
         """Copy a step's plan into the buffers: one copy, stream-ordered before the graph's replay (from
         pinned memory on a GPU, so the host does not wait for the step in flight)."""
         host = torch.from_numpy(self.host_plan(plan, num_rows))

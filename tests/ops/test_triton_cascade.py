@@ -268,3 +268,7 @@ def test_graph_cascade_plan_layout() -> None:
     assert host[4].tolist() == [30, 30, 30, 30, 30, 9, 0, 0]  # kv_starts
     with pytest.raises(ValueError, match="a plan for 6 rows, a step of 7 rows"):
         graph.host_plan(plan, 7)
+    # a capture's batch: every row padding, each block of rows with an empty prefix
+    host = graph.host_plan(None, 0).reshape(5, 8)
+    assert host[0].tolist() == [0, 4, 0, 0, 0, 0, 0, 0] and host[1].tolist() == [4, 4, 0, 0, 0, 0, 0, 0]
+    assert not host[3].any() and not host[4].any()
