@@ -126,6 +126,75 @@ def check_cascade_groups(num_groups: int = 10, seed: int = 0, kv_dtype: torch.dt
     return float((out - ref).norm() / ref.norm())
 
 
+def check_cascade_graph(max_rows: int = 384, seed: int = 0) -> list[float]:
+    """GraphCascade (ops/attention/graph_cascade.py) in a captured CUDA graph, the attention alone: capture
+    on padding rows, then replay the plans of two different steps (fewer rows than the graph, other groups)
+    and compare each with eager Triton cascade on the same inputs: relative error per replay. The padding
+    rows' outputs must stay finite."""
+    from radixserve.ops.attention.cascade import plan_cascade
+    from radixserve.ops.attention.graph_cascade import GraphCascade
+    from radixserve.ops.attention.triton_cascade import cascade_decode_attention, cascade_tensors
+
+    gen = torch.Generator().manual_seed(seed)
+    dev, dt, hq, hkv, d = torch.device("cuda"), torch.bfloat16, 32, 8, 128
+    kb = to_kv(torch.randn(200_000, hkv, d, device=dev, dtype=dt), torch.float8_e4m3fn)
+    vb = to_kv(torch.randn(200_000, hkv, d, device=dev, dtype=dt), torch.float8_e4m3fn)
+    pad_row = max_rows  # the table's last row: all slot 0, as a CUDA graph's padding rows read
+    table = torch.zeros(max_rows + 1, 4096, dtype=torch.int32, device=dev)
+    graph = GraphCascade(max_rows, hq, hkv, d, dev)
+    q_static = torch.zeros(max_rows, hq, d, device=dev, dtype=dt)
+    rows_static = torch.full((max_rows,), pad_row, dtype=torch.int64, device=dev)
+    seq_static = torch.ones(max_rows, dtype=torch.int32, device=dev)
+
+    def attend() -> torch.Tensor:
+        return cascade_decode_attention(q_static, kb, vb, table, rows_static, seq_static, d**-0.5,
+                                        graph.tensors, workspace=graph.workspace)
+
+    graph.load_padding()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attend(), attend()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        out = attend()
+    errors = []
+    for groups, size in ((12, 20), (5, 60)):  # groups x rows of a step
+        n, next_slot, seq, shared = groups * size, 1, [], []
+        table[:max_rows].zero_()
+        for g in range(groups):
+            prefix = int(torch.randint(100, 3001, (1,), generator=gen))
+            for i in range(size):
+                tail = int(torch.randint(1, 300, (1,), generator=gen))
+                r = g * size + i
+                table[r, :prefix] = torch.arange(next_slot, next_slot + prefix, dtype=torch.int32)
+                start = next_slot + prefix + i * 300  # each row's own slots past the group's prefix
+                table[r, prefix : prefix + tail] = torch.arange(start, start + tail, dtype=torch.int32)
+                seq.append(prefix + tail)
+                shared.append(prefix if i else 0)
+            next_slot += prefix + size * 300
+        plan = plan_cascade(tuple(seq), tuple(shared))
+        assert plan is not None, "the check's steps should take cascade"
+        q = torch.randn(n, hq, d, device=dev, dtype=dt)
+        q_static.zero_()
+        q_static[:n] = q
+        rows_static.fill_(pad_row)
+        rows_static[:n] = torch.arange(n, device=dev)
+        seq_static.fill_(1)
+        seq_t = torch.tensor(seq, dtype=torch.int32, device=dev)
+        seq_static[:n] = seq_t
+        graph.load(plan, n)
+        cuda_graph.replay()
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        eager = cascade_decode_attention(q, kb, vb, table, torch.arange(n, device=dev), seq_t, d**-0.5,
+                                         cascade_tensors(plan, tuple(seq), hq, hkv, dev, num_sms=num_sms))
+        torch.cuda.synchronize()
+        assert torch.isfinite(out.float()).all(), "a padding row's output is not finite"
+        errors.append(float((out[:n].float() - eager.float()).norm() / eager.float().norm()))
+    return errors
+
+
 def time_layers(fi: AttentionBackend, batch: AttentionBatch, q: torch.Tensor, kv_heads: int,
                 layers: int) -> float:
     """Milliseconds for one step's attention over `layers` layers (planned once, as the worker does): CUDA
@@ -388,6 +457,13 @@ async def main(args: argparse.Namespace) -> None:
         res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
         finish(res, args.out)
         return
+    if args.cascade_graph_check:
+        errors = check_cascade_graph()
+        res["cascade_graph_rel_err_vs_eager"] = errors
+        print(res, flush=True)
+        finish(res, args.out)
+        assert max(errors) < 1e-2, "cascade graph replays differ from eager"
+        return
     if args.tune_cascade:  # the benchmark shape, then mostly level 0 (own keys 1), mostly level 1 (prefix 64)
         res["triton_cascade_tuning_fp8"] = tune_triton_cascade()
         res["triton_cascade_tuning_fp8_prefix_only"] = tune_triton_cascade(own=1)
@@ -483,6 +559,8 @@ if __name__ == "__main__":
                         help="only cascade decode: FlashInfer's vs the Triton kernels (FP8 and bf16 pools), "
                              "checked against the torch backend and timed at 64 groups x 16 rows, then the "
                              "Triton kernels' launch settings")
+    parser.add_argument("--cascade-graph-check", action="store_true",
+                        help="Triton cascade decode captured in a CUDA graph (GraphCascade) against eager")
     parser.add_argument("--tune-cascade", action="store_true",
                         help="only the Triton cascade kernels' launch settings (FP8, 64 groups x 16 rows)")
     parser.add_argument("--decode-kernels", action="store_true",
