@@ -57,7 +57,8 @@ class GraphCascade:
         if planned != num_rows or not 0 <= num_rows <= self.max_rows:
             raise ValueError(
                 f"a plan for {planned} rows, a step of {num_rows} rows, a graph of {self.max_rows}")
-        firsts, counts, owners, lens = level0_blocks(plan, self.rows_per_block) if plan else ([], [], [], [])
+        blocks = ([], [], [], []) if plan is None else level0_blocks(plan, self.rows_per_block)
+        firsts, counts, owners, lens = blocks
         for row0 in range(num_rows, self.max_rows, self.rows_per_block):  # padding rows: empty prefixes
             firsts.append(row0)
             counts.append(min(self.rows_per_block, self.max_rows - row0))
