@@ -322,7 +322,8 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
         kind = "mixed" if mixed else "decode"
         trace = str(Path(args.result_dir or tmp) / f"trace_{kind}_steps.json")
         window = args.profile_mixed_steps or args.profile_decode_steps
-        cfg = StepTimingConfig(out_dir=tmp, profile_steps=window, profile_skip=5, trace_path=trace,
+        cfg = StepTimingConfig(out_dir=tmp, profile_steps=window, profile_skip=args.profile_skip_steps,
+                               trace_path=trace,
                                profile_mixed=mixed, min_rows=args.profile_min_rows,
                                profile_host=args.profile_host)
         engine_gc = GcPauses().install()
@@ -424,9 +425,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time every worker step; add the device time by kind of step to the result")
     parser.add_argument("--profile-mixed-steps", type=int, default=0,
                         help="with --step-timing: a torch.profiler trace of this many steps with prompt "
-                             "tokens (after 5 of them), and their kernels by total time")
+                             "tokens (after --profile-skip-steps of them), and their kernels by total time")
     parser.add_argument("--profile-decode-steps", type=int, default=0,
                         help="the same for decode steps (one token per row)")
+    parser.add_argument("--profile-skip-steps", type=int, default=5,
+                        help="matching steps run before the profiler window opens")
     parser.add_argument("--profile-min-rows", type=int, default=1,
                         help="profiled steps have at least this many rows")
     parser.add_argument("--profile-host", action="store_true",

@@ -11,13 +11,26 @@ import torch
 
 from radixserve.ops.kv_dtype import to_kv
 
+# (launch settings, level-0 waves): the defaults, then one change each
+DEFAULT_VARIANTS: list[tuple[dict[str, object], int]] = [
+    ({}, 2), ({"block_n": (128, 128), "num_warps": (4, 4)}, 2), ({"fuse_merge": False}, 2),
+    ({"num_stages": (3, 2)}, 2), ({"block_n": (64, 32)}, 2), ({"block_n": (128, 16)}, 2),
+    ({"num_stages": (2, 3)}, 2), ({"num_warps": (4, 2)}, 2), ({}, 4),
+]
+FP8_F16_VARIANTS: list[tuple[dict[str, object], int]] = [
+    ({"fp8_f16": False}, 2), ({"fp8_f16": True}, 2), ({"fp8_f16": True, "num_stages": (3, 2)}, 2),
+]
+
 
 def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 2048, own: int = 256,
-                        layers: int = 16) -> list[dict[str, object]]:
+                        layers: int = 16, variants: list[tuple[dict[str, object], int]] | None = None,
+                        interleaved: bool = False) -> list[dict[str, object]]:
     """The Triton cascade kernels' launch settings over an FP8 pool of the shared-prefix benchmark's shape:
     key tile, warps and stages (level 0, level 1), level-0 queries a program and waves, level 1 merging
     level 0 itself or the reduce kernel; milliseconds per 32 layers for each (CUDA events over `layers`
-    layers, median of 5, best of 3 rounds). The grid has the kv heads fastest (2% better, session 7)."""
+    layers, median of 5, best of 3 rounds). The grid has the kv heads fastest (2% better, session 7).
+    interleaved: the rows' own keys in slots as decoding allocates them (token t of row r at t * rows + r),
+    not each row's in one run."""
     from radixserve.ops.attention.cascade import plan_cascade
     from radixserve.ops.attention.triton_cascade import (
         cascade_decode_attention,
@@ -34,7 +47,9 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
     prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
     table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
-    table[:, shared:] = (1 + groups * shared + torch.arange(rows * own, device=dev)).view(rows, own).int()
+    own_slots = 1 + groups * shared + torch.arange(rows * own, device=dev)
+    own_slots = own_slots.view(own, rows).t() if interleaved else own_slots.view(rows, own)
+    table[:, shared:] = own_slots.int()
     seq = (shared + own,) * rows
     plan = plan_cascade(seq, tuple(0 if r % group_rows == 0 else shared for r in range(rows)))
     assert plan is not None
@@ -50,11 +65,7 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     # 17.8 ms without spills). Timings drift by ~10% over a sweep on one card, so each setting is timed in 3
     # rounds (the best round's median counts).
     base: dict[str, object] = {}
-    variants: list[tuple[dict[str, object], int]] = [  # (launch settings, level-0 waves)
-        ({}, 2), ({"block_n": (128, 128), "num_warps": (4, 4)}, 2), ({"fuse_merge": False}, 2),
-        ({"num_stages": (3, 2)}, 2), ({"block_n": (64, 32)}, 2), ({"block_n": (128, 16)}, 2),
-        ({"num_stages": (2, 3)}, 2), ({"num_warps": (4, 2)}, 2), ({}, 4),
-    ]
+    variants = DEFAULT_VARIANTS if variants is None else variants
     runs = []
     for change, waves in variants:
         tensors = cascade_tensors(plan, seq, hq, hkv, torch.device(dev), num_sms=num_sms, prefix_waves=waves)

@@ -19,6 +19,7 @@ import anyio
 import torch
 
 from radixserve.benchmarks.cascade_tuning import (
+    FP8_F16_VARIANTS,
     check_cascade_graph,
     compiled_kernel_resources,
     tune_triton_cascade,
@@ -310,6 +311,30 @@ async def main(args: argparse.Namespace) -> None:
         finish(res, args.out)
         assert max(errors) < 1e-2, "cascade graph replays differ from eager"
         return
+    if args.fp8_f16_check:  # an FP8 pool's Triton dots in fp16: errors against torch, then time
+        from radixserve.ops.attention import triton_ops
+
+        for f16 in (False, True):
+            triton_ops.FP8_F16_DOTS = f16  # the default every Triton kernel of this process takes
+            tag = "f16" if f16 else "bf16"
+            res[f"fp8_e4m3_triton_cascade_groups_rel_err_{tag}_dots"] = [
+                check_cascade_groups(seed=seed, kv_dtype=torch.float8_e4m3fn, cascade_kernels="triton")
+                for seed in range(3)]
+            res[f"fp8_e4m3_mixed_cascade_rel_err_{tag}_dots"] = check_backend(
+                [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048,
+                kv_dtype=torch.float8_e4m3fn)
+            print(res, flush=True)
+        triton_ops.FP8_F16_DOTS = False
+        for name, kwargs in (("contiguous_own256", {}), ("interleaved_own256", {"interleaved": True}),
+                             ("interleaved_own384", {"interleaved": True, "own": 384}),
+                             ("prefix_only", {"own": 1})):
+            res[f"fp8_f16_tuning_{name}"] = tune_triton_cascade(variants=FP8_F16_VARIANTS, **kwargs)
+        try:
+            res["triton_cascade_compiled"] = compiled_kernel_resources()
+        except Exception as e:  # noqa: BLE001
+            print(f"no compiled-kernel resources: {e!r}", flush=True)
+        finish(res, args.out)
+        return
     if args.tune_cascade:  # the benchmark shape, then mostly level 0 (own keys 1), mostly level 1 (prefix 64)
         res["triton_cascade_tuning_fp8"] = tune_triton_cascade()
         res["triton_cascade_tuning_fp8_prefix_only"] = tune_triton_cascade(own=1)
@@ -401,6 +426,9 @@ if __name__ == "__main__":
     parser.add_argument("--profile-dir", default=None)
     parser.add_argument("--only-attention", action="store_true", help="the backend checks and timings only")
     parser.add_argument("--pdl-check", action="store_true", help="backend checks, then PDL on/off tokens")
+    parser.add_argument("--fp8-f16-check", action="store_true",
+                        help="the Triton kernels' fp16 dots over an FP8 pool: errors against torch, then "
+                             "cascade timings with and without them (contiguous and interleaved own keys)")
     parser.add_argument("--cascade-kernels", action="store_true",
                         help="only cascade decode: FlashInfer's vs the Triton kernels (FP8 and bf16 pools), "
                              "checked against the torch backend and timed at 64 groups x 16 rows, then the "

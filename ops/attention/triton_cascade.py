@@ -143,6 +143,7 @@ def cascade_decode_attention(
     num_stages: tuple[int, int] = (2, 2),
     heads_fastest: bool = True,
     fuse_merge: bool = True,  # False: level 1 writes partials and the reduce kernel merges (for A/B)
+    fp8_f16: bool | None = None,  # an FP8 pool's dots in fp16 (None: triton_ops.FP8_F16_DOTS)
 ) -> torch.Tensor:  # [B, Hq, d]
     """Decode attention of rows grouped by a shared prefix: level 0 per block of a group's rows, level 1 per
     row, reduced over both levels' splits. Writes out and the workspace. block_n, num_warps and num_stages
@@ -164,7 +165,7 @@ def cascade_decode_attention(
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
     mid_o, mid_lse = workspace
     group = num_q_heads // k_buf.shape[1]
-    upcast, precision = _dot_mode(q.dtype)
+    upcast, f16, precision = _dot_mode(q.dtype, k_buf.dtype, fp8_f16)
     hkv, nb = k_buf.shape[1], cascade.num_blocks
     _prefix_split_kernel[(hkv, nb, s0) if heads_fastest else (nb, hkv, s0)](
         q, k_buf, v_buf, req_to_token, req_rows, cascade.blocks, mid_o, mid_lse,
@@ -174,7 +175,7 @@ def cascade_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cascade.num_blocks, s0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n[0],
-        BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast,
+        BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast, F16=f16,
         PRECISION=precision,
         num_warps=num_warps[0], num_stages=num_stages[0],
     )  # fmt: skip
@@ -183,7 +184,7 @@ def cascade_decode_attention(
     merge = cascade.suffix_splits == 1 and fuse_merge
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, cascade.kv_starts, scale,
                   cascade.suffix_splits, s0, min_split_len, workspace, block_n[1], num_warps[1],
-                  num_stages[1], heads_fastest, merge_into=out if merge else None)
+                  num_stages[1], heads_fastest, merge_into=out if merge else None, fp8_f16=fp8_f16)
     if not merge:
         reduce_splits(workspace, out, splits)
     return out

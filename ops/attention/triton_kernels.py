@@ -68,7 +68,8 @@ def _attend_keys(
                     other=0.0)
         v = tl.load(VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
                     other=0.0)
-        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        # Widened to q's type (fp16 under F16): a no-op for a pool of the model's dtype, the dequantization
+        # of an FP8 one.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
@@ -80,6 +81,19 @@ def _attend_keys(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _query_operand(q, qk_scale, UPCAST: tl.constexpr, F16: tl.constexpr):
+    """The queries as the dots' left operand, and the scale the scores still need. F16 (an FP8 pool under
+    bf16 queries): e4m3 tiles widen to fp16 in one instruction per pair (to bf16 in several), so the dots
+    run in fp16, q pre-scaled (its range: |q| * scale past 65504 would need |q| > 5e5) and clamped."""
+    if UPCAST:
+        q = q.to(tl.float32)
+    if F16:
+        q = tl.clamp(q.to(tl.float32) * qk_scale, -65504.0, 65504.0).to(tl.float16)
+        qk_scale = 1.0
+    return q, qk_scale
 
 
 @triton.jit
@@ -127,7 +141,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    F16: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
     # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
@@ -158,8 +172,7 @@ def _decode_split_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qt + (head0 + offs_h)[:, None] * stride_qh + offs_d[None, :]
     hd_mask = mask_h[:, None] & mask_d[None, :]
     q = tl.load(q_ptrs, mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, qk_scale = _query_operand(q, qk_scale, UPCAST, F16)
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
         BLOCK_H, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
@@ -192,7 +205,8 @@ def _prefix_split_kernel(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     num_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, F16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(1 if HEADS_FASTEST else 0)  # grid (Hkv, blocks, S0) or (blocks, Hkv, S0)
     kv_head = tl.program_id(0 if HEADS_FASTEST else 1)
@@ -210,8 +224,7 @@ def _prefix_split_kernel(
     mask_d = offs_d < HEAD_DIM
     q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, qk_scale = _query_operand(q, qk_scale, UPCAST, F16)
     table = ReqToToken + tl.load(ReqRows + first).to(tl.int64) * stride_rt
     chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
@@ -255,7 +268,7 @@ def _extend_kernel(
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, F16: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -275,8 +288,7 @@ def _extend_kernel(
     mask_d = offs_d < HEAD_DIM
     q_ptrs = Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, qk_scale = _query_operand(q, qk_scale, UPCAST, F16)
     q_pos = prefix_len + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -293,7 +305,8 @@ def _extend_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v_ptrs = VBuf + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :]
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        # Widened to q's type: a no-op for a pool of the model's dtype, the dequantization of an FP8 one.
+        # Widened to q's type (fp16 under F16): a no-op for a pool of the model's dtype, the dequantization
+        # of an FP8 one.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]

@@ -39,15 +39,25 @@ def decode_workspace(
     return mid_o, mid_lse
 
 
-def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, PRECISION) of the kernels for this query dtype (K/V tiles are widened to it).
+# The default of fp8_f16 (FP8 pools under bf16 queries: dots in fp16; _query_operand in triton_kernels.py).
+FP8_F16_DOTS = False
+
+
+def _dot_mode(
+    q_dtype: torch.dtype, kv_dtype: torch.dtype, fp8_f16: bool | None = None
+) -> tuple[bool, bool, str]:
+    """(UPCAST, F16, PRECISION) of the kernels for these query and pool dtypes (K/V tiles are widened to the
+    queries' operand type).
 
     The interpreter keeps bf16 as raw uint16 and its tl.dot would multiply the bit patterns, so there bf16
     tiles are upcast to fp32 first; compiled kernels keep 16-bit tiles for the tensor cores. fp32 uses exact
     "ieee" dots (the default tf32 would cost ~1e-3 relative error; fp32 KV is a testing configuration).
+    F16: an FP8 pool under bf16 queries, with fp8_f16 (None: FP8_F16_DOTS), runs its dots in fp16.
     """
-    upcast = dtype == torch.bfloat16 and interpreting()
-    return upcast, "ieee" if upcast or dtype == torch.float32 else "tf32"
+    f16 = (FP8_F16_DOTS if fp8_f16 is None else fp8_f16) and kv_dtype.itemsize == 1
+    f16 = f16 and q_dtype == torch.bfloat16
+    upcast = q_dtype == torch.bfloat16 and interpreting()
+    return upcast, f16, "ieee" if upcast or q_dtype == torch.float32 else "tf32"
 
 
 def _check_pool(
@@ -150,7 +160,7 @@ def decode_splits(
     req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
     block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
-    merge_into: torch.Tensor | None = None,
+    merge_into: torch.Tensor | None = None, fp8_f16: bool | None = None,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
     split_base .. split_base + num_splits - 1. Inputs already checked.
@@ -162,7 +172,7 @@ def decode_splits(
         raise ValueError(f"merging into the output takes one split per row, not {num_splits}")
     out = mid_o if merge_into is None else merge_into  # unused by the kernel when not merging
     heads, head_programs = decode_head_groups(q.shape[1], k_buf.shape[1])
-    upcast, precision = _dot_mode(q.dtype)
+    upcast, f16, precision = _dot_mode(q.dtype, k_buf.dtype, fp8_f16)
     rows = q.shape[0]
     grid = (head_programs, rows, num_splits) if heads_fastest else (rows, head_programs, num_splits)
     _decode_split_kernel[grid](
@@ -177,7 +187,7 @@ def decode_splits(
         GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
-        MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast,
+        MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast, F16=f16,
         PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -231,7 +241,7 @@ def extend_attention(
     block_d = triton.next_power_of_2(head_dim)
     if block_d > 128:  # keep the [BLOCK_M, d] and [BLOCK_N, d] tiles within registers / shared memory
         block_m, block_n = min(block_m, 32), min(block_n, 32)
-    upcast, precision = _dot_mode(q.dtype)
+    upcast, f16, precision = _dot_mode(q.dtype, k_buf.dtype)
     _extend_kernel[(num_rows, num_q_heads, triton.cdiv(max_extend_len, block_m))](
         q, k_buf, v_buf, out, req_to_token, req_rows, seq_lens, extend_lens, extend_starts,
         scale * LOG2E,
@@ -239,6 +249,6 @@ def extend_attention(
         req_to_token.stride(0), out.stride(0), out.stride(1),
         GROUP=num_q_heads // k_buf.shape[1], HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast, PRECISION=precision, num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        UPCAST=upcast, F16=f16, PRECISION=precision, num_warps=4 if block_d <= 64 else 8, num_stages=2,
     )  # fmt: skip
     return out

@@ -174,20 +174,21 @@ def test_level1_in_one_split_merges_level0_itself(kv_dtype: torch.dtype, fuse_me
     assert len(reduces) == (0 if fuse_merge else 1)
 
 
+@pytest.mark.parametrize("fp8_f16", [False, True], ids=["bf16-dots", "f16-dots"])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype) -> None:
+def test_cascade_over_an_fp8_pool(kv_dtype: torch.dtype, fp8_f16: bool) -> None:
     case = SharedPrefixCase(GROUPS, 8, 2, torch.bfloat16, kv_dtype, seed=5)
     tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=8,
                               min_split_len=64, max_splits=16)
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
-                                        case.scale, tensors, min_split_len=64))
+                                        case.scale, tensors, min_split_len=64, fp8_f16=fp8_f16))
     # q as the model passes it: a view into the QKV projection's output (rows strided past K and V)
     qkv = torch.zeros(case.q.shape[0], 8 + 2 * 2, HEAD_DIM, dtype=case.q.dtype, device=DEVICE)
     qkv[:, :8] = case.q
     out = cascade_decode_attention(qkv[:, :8], k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
-                                   case.scale, tensors, min_split_len=64)
+                                   case.scale, tensors, min_split_len=64, fp8_f16=fp8_f16)
     assert out.is_contiguous()
     case.check(out)
 
