@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 import anyio
+import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from radixserve.actors.grammar import GrammarCache
@@ -45,6 +46,20 @@ from radixserve.errors import (
     QueueFullError,
 )
 from radixserve.sampling_params import SamplingParams
+
+
+def valid_token_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """input_ids as a list of Python ints, each in [0, vocab_size); else InvalidRequestError. Checked in
+    numpy: a per-token Python check cost ~0.25 us a token, half a second of the event loop for a thousand 2k-token
+    prompts submitted at once (the shared-prefix benchmark), before the scheduler saw any of them."""
+    try:
+        arr = np.asarray(input_ids)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, values numpy cannot hold
+        arr = None
+    if (arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iub")
+            or (arr.size and (arr.min() < 0 or arr.max() >= vocab_size))):
+        raise InvalidRequestError("input_ids", f"token ids must be ints in [0, {vocab_size})")
+    return arr.astype(np.int64, copy=False).tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +177,7 @@ class Ingress:
         if len(given) != 1:
             raise InvalidRequestError("prompt", "give exactly one of prompt, input_ids or messages")
         if input_ids is not None:
-            ids = list(input_ids)
-            if any(not isinstance(t, int) or not 0 <= t < self.limits.vocab_size for t in ids):
-                raise InvalidRequestError("input_ids", f"token ids must be ints in [0, {self.limits.vocab_size})")
+            ids = valid_token_ids(input_ids, self.limits.vocab_size)
         elif messages is not None:
             if not messages:
                 raise InvalidRequestError("messages", "must not be empty")

@@ -129,7 +129,8 @@ def check_cascade_graph(max_rows: int = 384, seed: int = 0) -> list[float]:
     vb = to_kv(torch.randn(200_000, hkv, d, device=dev, dtype=dt), torch.float8_e4m3fn)
     pad_row = max_rows  # the table's last row: all slot 0, as a CUDA graph's padding rows read
     table = torch.zeros(max_rows + 1, 4096, dtype=torch.int32, device=dev)
-    graph = GraphCascade(max_rows, hq, hkv, d, dev)
+    graph = GraphCascade(max_rows, hq, hkv, d, dev,
+                         num_sms=torch.cuda.get_device_properties(dev).multi_processor_count)
     q_static = torch.zeros(max_rows, hq, d, device=dev, dtype=dt)
     rows_static = torch.full((max_rows,), pad_row, dtype=torch.int64, device=dev)
     seq_static = torch.ones(max_rows, dtype=torch.int32, device=dev)

@@ -30,8 +30,8 @@
 #   shared_prefix_ab  the shared-prefix runs cache on, then off, on a fresh card 0 with nothing run before
 #                   (so that a kernel compiled in the measured run shows), FP8 KV; check_gpu_path
 #                   --cascade-graph-check (cascade decode replayed from a CUDA graph against eager); cache on
-#                   again with the cascade CUDA graphs (RADIXSERVE_CASCADE_GRAPHS=1); then the host-side torch
-#                   ops and kernels of 2 eager cascade steps (eager_profile --profile-host)
+#                   again without the cascade CUDA graphs (RADIXSERVE_DISABLE_CASCADE_GRAPHS=1); then the
+#                   kernels of 2 decode steps late in the run (own keys ~330)
 #   serving         the online run of `single` alone, on card 0
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
@@ -173,9 +173,11 @@ for stage in "$@"; do
       CUDA_VISIBLE_DEVICES=0 timeout "${JOB_TIMEOUT:-1800}" python3 -m radixserve.benchmarks.check_gpu_path \
         --cascade-graph-check --out "$RUNS/cascade_graph_check.json" > "$RUNS/cascade_graph_check.log" 2>&1
       echo "cascade_graph_check rc $?"; tail -n 2 "$RUNS/cascade_graph_check.log"; pack
-      RADIXSERVE_CASCADE_GRAPHS=1 job 0 shared_prefix_on_graphs $BENCH.bench_offline --model-path "$LLAMA" \
-        $MODEL $SHARED_PREFIX --gsp-output-len 256 --kv-cache-dtype fp8_e4m3 --step-timing
-      eager_profile eager_host_fp8 --kv-cache-dtype fp8_e4m3 --profile-host ;;
+      RADIXSERVE_DISABLE_CASCADE_GRAPHS=1 job 0 shared_prefix_on_eager $BENCH.bench_offline \
+        --model-path "$LLAMA" $MODEL $SHARED_PREFIX --gsp-output-len 256 --kv-cache-dtype fp8_e4m3 --step-timing
+      job 0 shared_prefix_late_profile $BENCH.bench_offline --model-path "$LLAMA" $MODEL $SHARED_PREFIX \
+        --gsp-output-len 256 --kv-cache-dtype fp8_e4m3 --step-timing --profile-decode-steps 2 \
+        --profile-min-rows 800 --profile-skip-steps 200 ;;
     serving)
       serving 0 ;;
     offline)

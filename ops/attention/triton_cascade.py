@@ -39,15 +39,15 @@ CASCADE_MIN_SPLIT_LEN = 128  # keys: no split shorter
 class CascadeTensors:
     """One step's cascade plan on the device, and its grid sizes."""
 
-    blocks: torch.Tensor  # [4, num_blocks] int32: first row, rows, the group's first row, prefix length
+    # [4, capacity] int32: first row, rows, the group's first row, prefix length; the first block_count
+    # columns are the step's blocks
+    blocks: torch.Tensor
+    block_count: torch.Tensor  # [1] int32
+    block_programs: int  # level-0 programs a kv head along the blocks (each takes every block_programs-th)
     kv_starts: torch.Tensor  # [B] int32: row b's first level-1 key (its group's prefix length)
     prefix_splits: int  # S0: level-0 splits of each block's prefix
     suffix_splits: int  # S1: level-1 splits of each row's own keys
     prefix_block_m: int  # level-0 queries a program holds (rows of a block x q heads per kv head)
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.blocks.shape[1])
 
     @property
     def num_splits(self) -> int:
@@ -100,7 +100,7 @@ def cascade_tensors(
     tuning: check_gpu_path --tune-cascade)."""
     rows_per_block = check_block_m(prefix_block_m, num_q_heads // num_kv_heads)
     firsts, counts, owners, lens = level0_blocks(plan, rows_per_block)
-    host = firsts + counts + owners + lens + list(plan.row_prefix_lens)
+    host = [len(firsts)] + firsts + counts + owners + lens + list(plan.row_prefix_lens)
     packed = torch.tensor(host, dtype=torch.int32)
     if device.type == "cuda":  # the caching host allocator keeps the pinned block until the copy has run
         packed = packed.pin_memory().to(device, non_blocking=True)
@@ -108,8 +108,10 @@ def cascade_tensors(
     _, head_programs = decode_head_groups(num_q_heads, num_kv_heads)
     suffix_lens = plan.suffix_lens(seq_lens)
     return CascadeTensors(
-        blocks=packed[: 4 * nb].view(4, nb),
-        kv_starts=packed[4 * nb :],
+        blocks=packed[1 : 1 + 4 * nb].view(4, nb),
+        block_count=packed[:1],
+        block_programs=nb,
+        kv_starts=packed[1 + 4 * nb :],
         prefix_splits=_splits(nb * num_kv_heads, max(plan.prefix_lens), num_sms, min_split_len, max_splits,
                               prefix_waves),
         suffix_splits=_splits(len(seq_lens) * head_programs, max(suffix_lens), num_sms, min_split_len,
@@ -166,14 +168,14 @@ def cascade_decode_attention(
     mid_o, mid_lse = workspace
     group = num_q_heads // k_buf.shape[1]
     upcast, f16, precision = _dot_mode(q.dtype, k_buf.dtype, fp8_f16)
-    hkv, nb = k_buf.shape[1], cascade.num_blocks
+    hkv, nb = k_buf.shape[1], cascade.block_programs
     _prefix_split_kernel[(hkv, nb, s0) if heads_fastest else (nb, hkv, s0)](
-        q, k_buf, v_buf, req_to_token, req_rows, cascade.blocks, mid_o, mid_lse,
+        q, k_buf, v_buf, req_to_token, req_rows, cascade.blocks, cascade.block_count, mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        cascade.num_blocks, s0,
+        cascade.blocks.stride(0), s0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cascade.prefix_block_m, BLOCK_N=block_n[0],
         BLOCK_D=triton.next_power_of_2(head_dim), HEADS_FASTEST=heads_fastest, UPCAST=upcast, F16=f16,
         PRECISION=precision,

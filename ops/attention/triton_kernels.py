@@ -195,47 +195,48 @@ def _decode_split_kernel(
 
 # Cascade level 0 (ops/attention/cascade.py): the queries of up to BLOCK_M // GROUP rows of one group, every
 # q head of one kv head, against one chunk of the group's shared prefix, each prefix tile loaded once for
-# them all. Blocks [4, num_blocks] int32: first row, rows, the group's first row (whose table row holds the
-# prefix slots), prefix length.
-@triton.jit(do_not_specialize=["num_blocks", "num_splits"])
+# them all. Blocks [4, stride_blk] int32: first row, rows, the group's first row (whose table row holds the
+# prefix slots), prefix length; BlockCount [1]: how many blocks there are. The programs along axis 1 take the
+# blocks in turn (block pid, pid + programs, ...): eager steps launch one program a block, CUDA graphs a fixed
+# grid for any count (GraphCascade), rather than a program for every block the worst case could have.
+@triton.jit(do_not_specialize=["stride_blk", "num_splits"])
 def _prefix_split_kernel(
-    Q, KBuf, VBuf, ReqToToken, ReqRows, Blocks, MidO, MidLse,
+    Q, KBuf, VBuf, ReqToToken, ReqRows, Blocks, BlockCount, MidO, MidLse,
     qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    num_blocks, num_splits,
+    stride_blk, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr, F16: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    blk = tl.program_id(1 if HEADS_FASTEST else 0)  # grid (Hkv, blocks, S0) or (blocks, Hkv, S0)
-    kv_head = tl.program_id(0 if HEADS_FASTEST else 1)
+    blk_axis: tl.constexpr = 1 if HEADS_FASTEST else 0  # grid (Hkv, programs, S0) or (programs, Hkv, S0)
+    kv_head = tl.program_id(1 - blk_axis)
     split = tl.program_id(2)
-    row0 = tl.load(Blocks + blk)
-    num_rows = tl.load(Blocks + num_blocks + blk)
-    first = tl.load(Blocks + 2 * num_blocks + blk)
-    prefix_len = tl.load(Blocks + 3 * num_blocks + blk)
-
     offs_m = tl.arange(0, BLOCK_M)  # query m: row row0 + m // GROUP, q head kv_head * GROUP + m % GROUP
     offs_d = tl.arange(0, BLOCK_D)
-    rows = row0 + offs_m // GROUP
     heads = kv_head * GROUP + offs_m % GROUP
-    mask_m = offs_m // GROUP < num_rows
     mask_d = offs_d < HEAD_DIM
-    q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    q, qk_scale = _query_operand(q, qk_scale, UPCAST, F16)
-    table = ReqToToken + tl.load(ReqRows + first).to(tl.int64) * stride_rt
-    chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, prefix_len)
-
-    m_i, l_i, acc = _attend_keys(
-        q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
-        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    _store_partial(
-        MidO, MidLse, rows, heads, mask_m, split, m_i, l_i, acc,
-        stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
+    for blk in range(tl.program_id(blk_axis), tl.load(BlockCount), tl.num_programs(blk_axis)):
+        row0 = tl.load(Blocks + blk)
+        num_rows = tl.load(Blocks + stride_blk + blk)
+        first = tl.load(Blocks + 2 * stride_blk + blk)
+        prefix_len = tl.load(Blocks + 3 * stride_blk + blk)
+        rows = row0 + offs_m // GROUP
+        mask_m = offs_m // GROUP < num_rows
+        q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q, scale = _query_operand(q, qk_scale, UPCAST, F16)
+        table = ReqToToken + tl.load(ReqRows + first).to(tl.int64) * stride_rt
+        chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, prefix_len)
+        m_i, l_i, acc = _attend_keys(
+            q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, scale,
+            BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+        _store_partial(
+            MidO, MidLse, rows, heads, mask_m, split, m_i, l_i, acc,
+            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -58,14 +58,19 @@ def _reference(
     return torch.einsum("hes,shd->ehd", scores.softmax(-1), v)
 
 
-def _assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def _assert_matches(
+    out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, value_max: float = 0.0
+) -> None:
+    """value_max: the largest |v| attended; the kernels round probabilities to a 16-bit type for the P.V dot
+    (2**-8 relative at worst, bf16), so an output that cancels values of hundreds (a saturated FP8 pool) may
+    be off by value_max * 2**-8 however small it is."""
     out = out.double().cpu()
     if dtype == torch.float32:
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     else:
         rel = ((out - expected).norm() / expected.norm()).item()
         assert rel < 1e-2, rel
-        torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out, expected, atol=3e-2 + value_max * 2**-8, rtol=3e-2)
 
 
 class Case:
@@ -130,7 +135,8 @@ class Case:
                 k_seq, v_seq = (buf[LAYER][self.row_slots[r]].to(self.dtype).cpu()
                                 for buf in (self.cache.k_buffers, self.cache.v_buffers))
             expected = _reference(self.q[s : s + extend_len], k_seq, v_seq, prefix_len, self.scale)
-            _assert_matches(out[s : s + extend_len], expected, self.dtype)
+            value_max = float(v_seq.float().abs().max()) if self.kv_dtype != self.dtype else 0.0
+            _assert_matches(out[s : s + extend_len], expected, self.dtype, value_max)
 
 
 MIXED = [(0, 7), (5, 1), (13, 20), (0, 1), (37, 9)]  # extend 0..20 new tokens, prefixes 0..37

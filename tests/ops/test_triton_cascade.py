@@ -123,7 +123,7 @@ def test_cascade_matches_attention_over_whole_rows(q_heads: int, kv_heads: int, 
                               num_sms=64, min_split_len=16, max_splits=4)
     assert tensors.prefix_splits > 1 and tensors.suffix_splits > 1  # both levels really split
     if q_heads // kv_heads == 4:
-        assert tensors.num_blocks > len(plan.prefix_lens)  # the 21-row group takes two prefix programs
+        assert int(tensors.block_count) > len(plan.prefix_lens)  # the 21-row group takes two prefix programs
         assert PREFIX_BLOCK_M // 4 < 21
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
@@ -140,7 +140,8 @@ def test_smaller_prefix_blocks_and_more_level0_splits(block_m: int, waves: int) 
     tensors = cascade_tensors(_plan(case), case.batch.seq_lens_cpu, 8, 2, torch.device(DEVICE), num_sms=16,
                               min_split_len=16, prefix_block_m=block_m, prefix_waves=waves)
     assert tensors.prefix_block_m == block_m
-    assert tensors.num_blocks == sum(-(-len(owns) // (block_m // 4)) for _, owns in GROUPS)
+    blocks = sum(-(-len(owns) // (block_m // 4)) for _, owns in GROUPS)
+    assert int(tensors.block_count) == tensors.block_programs == blocks  # eager: one program a block
     k_buf, v_buf = case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER]
     b = case.batch
     case.check(cascade_decode_attention(case.q, k_buf, v_buf, b.req_to_token, b.req_rows, b.seq_lens,
@@ -241,7 +242,8 @@ def test_graph_shaped_cascade_on_reused_buffers(kv_dtype: torch.dtype) -> None:
     same buffers (a smaller step after a larger one: no stale block survives), padding rows stay finite."""
     from radixserve.ops.attention.graph_cascade import GraphCascade
 
-    graph = GraphCascade(40, 8, 2, HEAD_DIM, torch.device(DEVICE))
+    graph = GraphCascade(40, 8, 2, HEAD_DIM, torch.device(DEVICE), num_sms=2)
+    assert graph.tensors.block_programs == 2  # a level-0 program a kv head takes every other block
     for groups in (GROUPS, GROUPS[:2]):
         case = SharedPrefixCase(groups, 8, 2, torch.bfloat16, kv_dtype, seed=len(groups))
         n = case.batch.num_rows
@@ -257,10 +259,12 @@ def test_graph_shaped_cascade_on_reused_buffers(kv_dtype: torch.dtype) -> None:
 def test_graph_cascade_plan_layout() -> None:
     from radixserve.ops.attention.graph_cascade import GraphCascade
 
-    graph = GraphCascade(8, 8, 2, HEAD_DIM, torch.device("cpu"), prefix_block_m=16)  # 4 rows a block
+    graph = GraphCascade(8, 8, 2, HEAD_DIM, torch.device("cpu"), num_sms=4, prefix_block_m=16)  # 4 rows/block
     plan = CascadePlan(group_starts=(0, 5, 6), prefix_lens=(30, 9), row_prefix_lens=(30,) * 5 + (9,),
                        saved_tokens=120)
-    host = graph.host_plan(plan, 6).reshape(5, 8)
+    packed = graph.host_plan(plan, 6)
+    assert packed[0] == 4  # the block count
+    host = packed[1:].reshape(5, 8)
     # blocks: group 0 in rows 0-3 and 4, row 5 alone, padding rows 6-7 with no prefix, then unused zeros
     assert host[0].tolist() == [0, 4, 5, 6, 0, 0, 0, 0]  # first row
     assert host[1].tolist() == [4, 1, 1, 2, 0, 0, 0, 0]  # rows
@@ -270,6 +274,8 @@ def test_graph_cascade_plan_layout() -> None:
     with pytest.raises(ValueError, match="a plan for 6 rows, a step of 7 rows"):
         graph.host_plan(plan, 7)
     # a capture's batch: every row padding, each block of rows with an empty prefix
-    host = graph.host_plan(None, 0).reshape(5, 8)
+    packed = graph.host_plan(None, 0)
+    host = packed[1:].reshape(5, 8)
+    assert packed[0] == 2
     assert host[0].tolist() == [0, 4, 0, 0, 0, 0, 0, 0] and host[1].tolist() == [4, 4, 0, 0, 0, 0, 0, 0]
     assert not host[3].any() and not host[4].any()
