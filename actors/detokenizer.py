@@ -28,7 +28,6 @@ from radixserve.actors.messages import (
     RequestUpdate,
     SchedulerInbox,
     TokenBatch,
-    merge_outputs,
 )
 from radixserve.actors.text_stream import IncrementalDetokenizer, StopStringMatcher
 from radixserve.outputs import FinishReason, Usage
@@ -147,13 +146,13 @@ class Detokenizer:
         del self.streams[update.rid]
         updates = [*stream.deferred, update]
         ids = [t for u in updates for t in u.token_ids]
-        text = stream.detok.push(ids) + stream.detok.flush()
-        usage = Usage(stream.prompt_len, stream.num_tokens, update.cached_tokens)
-        return merge_outputs([
-            RequestOutput(u.rid, "", u.token_ids, logprobs=u.logprobs, prompt_logprobs=u.prompt_logprobs)
-            for u in stream.deferred
-        ] + [RequestOutput(
-            rid=update.rid, text=text, token_ids=list(update.token_ids), logprobs=update.logprobs,
-            finish_reason=update.finish_reason, matched_stop=update.matched_stop, usage=usage,
-            prompt_logprobs=update.prompt_logprobs, error=update.error,
-        )])
+        logprobs = None
+        if any(u.logprobs is not None for u in updates):
+            logprobs = [lp for u in updates for lp in (u.logprobs or ())]
+        return RequestOutput(
+            rid=update.rid, text=stream.detok.push_all(ids), token_ids=ids, logprobs=logprobs,
+            finish_reason=update.finish_reason, matched_stop=update.matched_stop,
+            usage=Usage(stream.prompt_len, stream.num_tokens, update.cached_tokens),
+            prompt_logprobs=next((u.prompt_logprobs for u in updates if u.prompt_logprobs is not None), None),
+            error=update.error,
+        )

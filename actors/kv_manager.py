@@ -44,11 +44,10 @@ class KVManager:
         Mutates req.slots/prefix_len/planned_len/last_node. Requests that want prompt logprobs match nothing:
         a cached prefix has no logits to report.
         """
-        tokens = req.tokens()
         if not self.cache_enabled or req.params.prompt_logprobs is not None:
             req.slots, req.prefix_len, req.planned_len, req.last_node = [], 0, 0, None
             return
-        match = self.tree.match_prefix(tokens[: len(tokens) - 1])
+        match = self.tree.match_prefix(req.token_array(len(req.prompt_ids) + len(req.output_ids) - 1))
         self.tree.lock(match.last_node)
         req.cache_tried_len = 0
         req.last_node = match.last_node
@@ -68,7 +67,7 @@ class KVManager:
             return
         assert length <= req.planned_len
         req.cache_tried_len = length
-        tokens = req.tokens()[:length]
+        tokens = req.token_array(length)
         if len(self.tree.match_prefix(tokens).slots) != req.prefix_len:
             return
         already = self.tree.insert(tokens, np.asarray(req.slots[:length], dtype=np.int32))
@@ -91,10 +90,12 @@ class KVManager:
         self.private_slots -= len(dropped)
         self.allocator.free(np.asarray(dropped, dtype=np.int32))
 
-    def prefix_match_len(self, tokens: list[int]) -> int:
+    def prefix_match_len(self, req: Req) -> int:
+        """Tokens of the request's prompt (all but its last known token) the tree holds."""
         if not self.cache_enabled:
             return 0
-        return len(self.tree.match_prefix(tokens[: len(tokens) - 1]).slots)
+        known = len(req.prompt_ids) + len(req.output_ids)
+        return len(self.tree.match_prefix(req.token_array(known - 1)).slots)
 
     def release(self, req: Req) -> None:
         """Give back every slot of a request whose issued steps have all completed (req.inflight == 0).
@@ -106,7 +107,7 @@ class KVManager:
         private = req.slots[req.prefix_len :]
         self.private_slots -= len(private)
         if self.cache_enabled and req.planned_len > 0:
-            kv_tokens = req.tokens()[: req.planned_len]
+            kv_tokens = req.token_array(req.planned_len)
             slots = np.asarray(req.slots[: req.planned_len], dtype=np.int32)
             already = self.tree.insert(kv_tokens, slots)
             self.allocator.free(slots[req.prefix_len : already])

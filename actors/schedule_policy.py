@@ -16,10 +16,10 @@ from radixserve.actors.request_state import Req
 LPM_MAX_QUEUE = 128
 
 
-def order_waiting(policy: str, waiting: list[Req], prefix_len: Callable[[list[int]], int]) -> list[Req]:
+def order_waiting(policy: str, waiting: list[Req], prefix_len: Callable[[Req], int]) -> list[Req]:
     if policy == "lpm" and len(waiting) <= LPM_MAX_QUEUE:
         for req in waiting:
-            req.prefix_hint = prefix_len(req.tokens())
+            req.prefix_hint = prefix_len(req)
         return sorted(waiting, key=lambda r: (-r.prefix_hint, r.arrival_time))
     if policy == "priority":
         return sorted(waiting, key=lambda r: (-r.priority, r.arrival_time))

@@ -205,7 +205,7 @@ class SchedulerCore:
             if budget <= 0 or not self._free_rows or len(self.running) >= self.cfg.max_running_requests:
                 break
             head = prompt_head(req)
-            if head is not None and head in computing and self.kv.prefix_match_len(req.tokens()) < HEAD:
+            if head is not None and head in computing and self.kv.prefix_match_len(req) < HEAD:
                 continue  # a running request computes this prompt's head: wait for it to be cached
             self.kv.match_and_lock(req)
             need = (req.num_tokens - req.planned_len) + int(req.remaining_new_tokens * self.new_token_ratio)

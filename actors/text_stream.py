@@ -80,6 +80,23 @@ class IncrementalDetokenizer:
             return self._emit("".join(parts))
         return self._emit(delta or "")
 
+    def push_all(self, token_ids: Sequence[int]) -> str:
+        """push(token_ids) + flush() for a stream with nothing pushed yet (a request whose text is not
+        streamed), in one decode: push alone would replay the ids one by one when the text ends inside a
+        character (random-token benchmarks often do: ~0.5 ms a request of 256 tokens, at the moment a
+        thousand requests finish together). The context's text is a whole-character head of the window's
+        text, so the rest is the output's."""
+        if self._chunks or len(self._ids) != self._read_offset:
+            raise RuntimeError("push_all is a stream's only push")
+        text = self._decode([*self._ids, *token_ids])
+        if not text.startswith(self._prefix_text):  # a tokenizer whose decode is not a concatenation
+            return self.push(token_ids) + self.flush()
+        self._ids.extend(token_ids)
+        delta = text[len(self._prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self._prefix_text = ""
+        return self._emit(delta)
+
     def flush(self) -> str:
         """At the end of the request: whatever is held back (an incomplete character decodes as U+FFFD)."""
         text = self._decode(self._ids[self._prefix_offset :])

@@ -51,6 +51,7 @@ from radixserve.benchmarks.datasets import (
 from radixserve.benchmarks.gc_pauses import GcPauses
 from radixserve.benchmarks.gc_pauses import summarize as gc_pauses_summary
 from radixserve.benchmarks.step_timer import (
+    BEGIN,
     END,
     HOST_BEGIN,
     HOST_END,
@@ -119,6 +120,11 @@ class StepBreakdown:
     decode_rows: tuple[RowBucket, ...]  # decode steps by rows (DECODE_ROW_BUCKETS)
     profiler_export_s: float = 0.0  # the gap left out: the worker writing the profiler's trace
     slowest: tuple[SlowStep, ...] = ()  # the longest periods, longest first
+    # Host time (perf_counter, all processes) from the first submission to the worker beginning the first
+    # measured step, and from the last step's host begin + device period to the last completion: the run's
+    # duration outside the device span. NaN where the worker wrote no host base.
+    lead_in_s: float = float("nan")
+    lead_out_s: float = float("nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +363,12 @@ def run_with_step_timing(args: argparse.Namespace) -> tuple[OfflineResult, dict[
     steps = steps_between(dump, measured.start_ns, measured.end_ns)
     stop = (dump.get("profiled_steps") or [None, None])[1] if profiled else None
     breakdown = step_breakdown(steps, measured.graph_max_rows, dump["clock"], profiler_stop=stop)
+    if dump.get("host_base_ns") is not None and len(steps):
+        base, last = dump["host_base_ns"], steps[-1]
+        last_end_ns = base + 1e6 * (last[HOST_BEGIN] + last[END] - last[BEGIN])
+        lead_in_ns = base + 1e6 * steps[0, HOST_BEGIN] - measured.start_ns
+        lead_out_ns = measured.end_ns - last_end_ns
+        breakdown = replace(breakdown, lead_in_s=lead_in_ns / 1e9, lead_out_s=lead_out_ns / 1e9)
     window = (measured.start_ns, measured.end_ns)
     gc_pauses = {"engine": gc_pauses_summary(engine_gc.records, *window),
                  "worker": gc_pauses_summary(dump.get("gc_records", []), *window)}
@@ -409,6 +421,8 @@ def report_steps(b: StepBreakdown) -> None:
     print_grid(["rows", "steps", "period s", "share %"],
                [(r.rows, r.steps, r.period_s, 100 * r.share) for r in b.decode_rows])
     print(f"\nDevice idle between steps: {b.idle_s:.3f} s ({100 * b.idle_fraction:.2f}% of the span)")
+    print(f"Outside the span: {b.lead_in_s:.3f} s from the first submission to the first step, "
+          f"{b.lead_out_s:.3f} s from the last step's end to the last completion")
     if b.profiler_export_s:
         print(f"(left out: {b.profiler_export_s:.3f} s of the worker writing the profiler's trace)")
     if not b.graph_max_rows:

@@ -169,6 +169,21 @@ def test_property_random_ids_match_full_decode(data: st.DataObject) -> None:
     assert "".join(deltas) + tail == reference(ids, skip)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_push_all_is_push_and_flush(data: st.DataObject) -> None:
+    """The one-decode path of an unstreamed request gives the streamed text, with and without a prompt."""
+    ids = data.draw(st.lists(token_ids(), max_size=30), label="ids")
+    prompt = data.draw(st.lists(token_ids(), max_size=8), label="prompt")
+    skip = data.draw(st.booleans(), label="skip_special_tokens")
+    deltas, tail = stream(ids, prompt, skip, [len(ids) or 1])
+    detok = IncrementalDetokenizer(tokenizer(), prompt, skip_special_tokens=skip)
+    assert detok.push_all(ids) == "".join(deltas) + tail == reference(ids, skip) == detok.text
+    if detok.text:
+        with pytest.raises(RuntimeError, match="only push"):
+            detok.push_all(ids)
+
+
 # -- stop strings --------------------------------------------------------------------------------------
 
 
