@@ -147,6 +147,7 @@ async def test_bad_input_is_rejected_and_engine_keeps_serving(engine: Engine) ->
         (dict(prompt="hi", sampling_params={"bogus_key": 1}), "bogus_key"),
         (dict(prompt="hi", sampling_params={"temperature": "hot"}), "temperature"),
         (dict(input_ids=[10**9]), "input_ids"),
+        (dict(input_ids=[1] * 2000 + [-1]), "input_ids"),  # checked off the event loop
         (dict(prompt="hi", sampling_params={"max_new_tokens": 10_000}), "max_new_tokens"),
     ]
     for kwargs, field in cases:
