@@ -404,8 +404,10 @@ def report(result: OfflineResult, device: str) -> None:
 
 def report_steps(b: StepBreakdown) -> None:
     n = b.graph_max_rows
+    # Past n rows decode runs eagerly, except shared-prefix steps over an FP8 pool: those replay the cascade
+    # family of graphs (cuda_graph_runner.py), which this breakdown cannot tell apart.
     labels = {"decode_graph": f"decode <= {n} rows (graph)" if n else "decode (graph: none)",
-              "decode_eager": f"decode > {n} rows (eager)" if n else "decode (eager)",
+              "decode_eager": f"decode > {n} rows (eager/cascade graph)" if n else "decode (eager)",
               "mixed": "mixed / prefill"}
     print(f"\nDevice time by kind of step ({b.clock} clock, {b.steps} steps, span {b.span_s:.3f} s)")
     print_grid(
