@@ -47,7 +47,7 @@ class KVManager:
         if not self.cache_enabled or req.params.prompt_logprobs is not None:
             req.slots, req.prefix_len, req.planned_len, req.last_node = [], 0, 0, None
             return
-        match = self.tree.match_prefix(req.token_array(len(req.prompt_ids) + len(req.output_ids) - 1))
+        match = self.tree.match_prefix(_lookup_key(req))
         self.tree.lock(match.last_node)
         req.cache_tried_len = 0
         req.last_node = match.last_node
@@ -94,8 +94,7 @@ class KVManager:
         """Tokens of the request's prompt (all but its last known token) the tree holds."""
         if not self.cache_enabled:
             return 0
-        known = len(req.prompt_ids) + len(req.output_ids)
-        return len(self.tree.match_prefix(req.token_array(known - 1)).slots)
+        return len(self.tree.match_prefix(_lookup_key(req)).slots)
 
     def release(self, req: Req) -> None:
         """Give back every slot of a request whose issued steps have all completed (req.inflight == 0).
@@ -127,3 +126,9 @@ class KVManager:
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
         self.tree.check_integrity(slots_held_outside=self.private_slots)
+
+
+def _lookup_key(req: Req) -> np.ndarray:
+    """The tokens a waiting request looks up in the tree: all it knows but the last, which a step must
+    compute to get logits for the next token."""
+    return req.token_array(len(req.prompt_ids) + len(req.output_ids) - 1)

@@ -22,6 +22,28 @@ FP8_F16_VARIANTS: list[tuple[dict[str, object], int]] = [
 ]
 
 
+def shared_prefix_pool(
+    rows: int, group_rows: int, shared: int, own: int, layers: int, kv_dtype: torch.dtype,
+    interleaved: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Random K/V pools ([slots, 8 kv heads, 128] a layer, Llama-3-8B's) and a request table of `rows` rows
+    in groups of `group_rows` sharing a `shared`-token prefix (one copy in the pool, as the radix tree keeps
+    it), each row with `own` keys of its own: contiguous, or interleaved as decoding allocates them (token t
+    of row r at t * rows + r)."""
+    dev, dt, hkv, d = "cuda", torch.bfloat16, 8, 128
+    groups = rows // group_rows
+    slots = groups * shared + rows * own + 1
+    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
+    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
+    table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
+    prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
+    table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
+    own_slots = 1 + groups * shared + torch.arange(rows * own, device=dev)
+    own_slots = own_slots.view(own, rows).t() if interleaved else own_slots.view(rows, own)
+    table[:, shared:] = own_slots.int()
+    return k_bufs, v_bufs, table
+
+
 def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 2048, own: int = 256,
                         layers: int = 16, variants: list[tuple[dict[str, object], int]] | None = None,
                         interleaved: bool = False) -> list[dict[str, object]]:
@@ -39,17 +61,8 @@ def tune_triton_cascade(rows: int = 1024, group_rows: int = 16, shared: int = 20
     )
 
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
-    groups = rows // group_rows
-    slots = groups * shared + rows * own + 1
-    kv = torch.float8_e4m3fn
-    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv) for _ in range(layers)]
-    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv) for _ in range(layers)]
-    table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
-    prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
-    table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
-    own_slots = 1 + groups * shared + torch.arange(rows * own, device=dev)
-    own_slots = own_slots.view(own, rows).t() if interleaved else own_slots.view(rows, own)
-    table[:, shared:] = own_slots.int()
+    k_bufs, v_bufs, table = shared_prefix_pool(rows, group_rows, shared, own, layers, torch.float8_e4m3fn,
+                                               interleaved)
     seq = (shared + own,) * rows
     plan = plan_cascade(seq, tuple(0 if r % group_rows == 0 else shared for r in range(rows)))
     assert plan is not None

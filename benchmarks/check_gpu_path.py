@@ -22,6 +22,7 @@ from radixserve.benchmarks.cascade_tuning import (
     FP8_F16_VARIANTS,
     check_cascade_graph,
     compiled_kernel_resources,
+    shared_prefix_pool,
     tune_triton_cascade,
 )
 from radixserve.engine import Engine
@@ -187,15 +188,7 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32, kv_dtype: t
     reads over the H100's copy rate. The pool holds one copy of each prefix, as the radix tree makes it."""
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     group_rows = group_rows or rows
-    groups = rows // group_rows
-    slots = groups * shared + rows * own + 1
-    k_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
-    v_bufs = [to_kv(torch.randn(slots, hkv, d, device=dev, dtype=dt), kv_dtype) for _ in range(layers)]
-    table = torch.zeros(rows, shared + own, dtype=torch.int32, device=dev)
-    prefixes = 1 + torch.arange(groups * shared, device=dev, dtype=torch.int32).view(groups, 1, shared)
-    table[:, :shared] = prefixes.expand(groups, group_rows, shared).reshape(rows, shared)
-    own_slots = 1 + groups * shared + torch.arange(rows * own, device=dev)
-    table[:, shared:] = own_slots.view(rows, own).to(torch.int32)
+    k_bufs, v_bufs, table = shared_prefix_pool(rows, group_rows, shared, own, layers, kv_dtype)
     seq = [shared + own] * rows
     q = torch.randn(rows, hq, d, device=dev, dtype=dt)
     shared_lens = tuple(0 if r % group_rows == 0 else shared for r in range(rows))
@@ -214,7 +207,7 @@ def time_cascade(rows: int, shared: int, own: int, layers: int = 32, kv_dtype: t
         del fi
     per_token = layers * 2 * hkv * d * k_bufs[0].element_size()
     res["plain_floor_ms"] = rows * (shared + own) * per_token / 3.0e9
-    res["cascade_floor_ms"] = (groups * shared + rows * own) * per_token / 3.0e9
+    res["cascade_floor_ms"] = (rows // group_rows * shared + rows * own) * per_token / 3.0e9
     return res
 
 
@@ -314,6 +307,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.fp8_f16_check:  # an FP8 pool's Triton dots in fp16: errors against torch, then time
         from radixserve.ops.attention import triton_ops
 
+        default = triton_ops.FP8_F16_DOTS
         for f16 in (False, True):
             triton_ops.FP8_F16_DOTS = f16  # the default every Triton kernel of this process takes
             tag = "f16" if f16 else "bf16"
@@ -324,7 +318,7 @@ async def main(args: argparse.Namespace) -> None:
                 [1] * 16 + [128, 60], [2048 + 3 * i for i in range(1, 17)] + [2176, 2100], shared=2048,
                 kv_dtype=torch.float8_e4m3fn)
             print(res, flush=True)
-        triton_ops.FP8_F16_DOTS = False
+        triton_ops.FP8_F16_DOTS = default
         for name, kwargs in (("contiguous_own256", {}), ("interleaved_own256", {"interleaved": True}),
                              ("interleaved_own384", {"interleaved": True, "own": 384}),
                              ("prefix_only", {"own": 1})):
