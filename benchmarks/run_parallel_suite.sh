@@ -33,6 +33,10 @@
 #                   again without the cascade CUDA graphs (RADIXSERVE_DISABLE_CASCADE_GRAPHS=1); then the
 #                   kernels of 2 decode steps late in the run (own keys ~330)
 #   serving         the online run of `single` alone, on card 0
+#   radix_cost      no shared prefix: 150 prompts of the offline dataset, radix cache on, then off, on card 0
+#   issue4_a        the GPU-path issue's targets at one commit, part 1 (~8 min on an H100): batch-1 decode,
+#                   the online run, radix_cost
+#   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
 #                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
@@ -99,6 +103,10 @@ shared_prefix() { local caches=$1 extra=$2 cache flag  # 256 output tokens, radi
 eager_profile() { local name=$1; shift  # 64 output tokens, the kernels of 2 decode steps of >= 800 rows
   job 0 "$name" $BENCH.bench_offline --model-path "$LLAMA" $MODEL $SHARED_PREFIX --gsp-output-len 64 \
     --step-timing --profile-decode-steps 2 --profile-min-rows 800 "$@"; }
+
+radix_cost() {  # the cache's cost where nothing is shared (target < 2%)
+  offline 0 noshare_cache_on "$LLAMA" --num-prompts 150
+  offline 0 noshare_cache_off "$LLAMA" --num-prompts 150 --disable-radix-cache; }
 
 serving() {  # the online target of the GPU-path issue, on one card
   local gpu=$1 port=30011
@@ -180,6 +188,15 @@ for stage in "$@"; do
         --profile-min-rows 800 --profile-skip-steps 200 ;;
     serving)
       serving 0 ;;
+    radix_cost)
+      radix_cost ;;
+    issue4_a)
+      latency 0 llama_tp1 "$LLAMA"
+      serving 0
+      radix_cost ;;
+    issue4_b)
+      offline 0 llama_offline_fp8 "$LLAMA" --step-timing --kv-cache-dtype fp8_e4m3
+      shared_prefix "on off" "--kv-cache-dtype fp8_e4m3 --step-timing" ;;
     offline)
       offline 0 llama_offline "$LLAMA" ;;
     offline_steps)
