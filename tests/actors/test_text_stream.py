@@ -167,18 +167,9 @@ def test_property_random_ids_match_full_decode(data: st.DataObject) -> None:
     sizes = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=8), label="sizes")
     deltas, tail = stream(ids, prompt, skip, sizes)
     assert "".join(deltas) + tail == reference(ids, skip)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_property_push_all_is_push_and_flush(data: st.DataObject) -> None:
-    """The one-decode path of an unstreamed request gives the streamed text, with and without a prompt."""
-    ids = data.draw(st.lists(token_ids(), max_size=30), label="ids")
-    prompt = data.draw(st.lists(token_ids(), max_size=8), label="prompt")
-    skip = data.draw(st.booleans(), label="skip_special_tokens")
-    deltas, tail = stream(ids, prompt, skip, [len(ids) or 1])
+    # the one-decode path of an unstreamed request gives the same text
     detok = IncrementalDetokenizer(tokenizer(), prompt, skip_special_tokens=skip)
-    assert detok.push_all(ids) == "".join(deltas) + tail == reference(ids, skip) == detok.text
+    assert detok.push_all(ids) == reference(ids, skip) == detok.text
     if detok.text:
         with pytest.raises(RuntimeError, match="only push"):
             detok.push_all(ids)
