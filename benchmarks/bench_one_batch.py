@@ -176,7 +176,7 @@ def make_init(args: argparse.Namespace) -> InitWorker:
         context_length=args.input_len + args.output_len, max_rows=max_bs + 1,
         max_total_tokens=max_bs * (args.input_len + args.output_len), mem_fraction_static=0.85,
         cpu_kv_gib=2.0, attention_backend=args.attention_backend, random_seed=args.random_seed,
-        disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs,
+        disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs, load_format=args.load_format,
     )
     # InitWorker grows with the worker; pass only the fields this version has.
     return InitWorker(**{k: v for k, v in fields.items() if k in InitWorker.__struct_fields__})
@@ -227,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights from config.json")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="prefill in steps of at most this many tokens (default: the batch in one step)")
     parser.add_argument("--disable-cuda-graph", action="store_true")

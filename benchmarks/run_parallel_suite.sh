@@ -37,6 +37,8 @@
 #   issue4_a        the GPU-path issue's targets at one commit, part 1 (~8 min on an H100): batch-1 decode,
 #                   the online run, radix_cost
 #   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
+#   issue4_c        part 3 (~4 min): GPU idle between decode steps at batch 64 (profile_decode), then the same
+#                   architecture through radixserve's model runner and transformers `generate`, batch 1 and 32
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
 #   offline_steps   the same run with --step-timing: device time by kind of step (decode in CUDA graphs,
 #                   decode eager, mixed/prefill), idle between steps, decode steps by rows, on card 0
@@ -197,6 +199,13 @@ for stage in "$@"; do
     issue4_b)
       offline 0 llama_offline_fp8 "$LLAMA" --step-timing --kv-cache-dtype fp8_e4m3
       shared_prefix "on off" "--kv-cache-dtype fp8_e4m3 --step-timing" ;;
+    issue4_c)
+      job 0 idle_bs64 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 64 --input-len 1024 \
+        --output-len 256
+      job 0 one_batch_1_32 $BENCH.bench_one_batch --model-path "$LLAMA" --load-format dummy --batch-size 1 32 \
+        --input-len 1024 --output-len 64
+      job 0 hf_generate_1_32 $BENCH.bench_hf_generate --model-path "$LLAMA" --dummy --batch-size 1 32 \
+        --input-len 1024 --output-len 64 ;;
     offline)
       offline 0 llama_offline "$LLAMA" ;;
     offline_steps)
