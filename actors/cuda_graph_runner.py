@@ -8,7 +8,8 @@ Static inputs live in one place (this object); before a replay the runner copies
 and re-plans the attention wrapper of that size (host work, outside the graph): `stage` does all but the token
 ids, which may be the previous step's samples, and `replay` copies those and launches the graph.
 
-Two families of graphs: plain decode (FlashInfer's decode kernels) up to cuda_graph_max_bs rows, and, over a
+Two families of graphs: plain decode up to cuda_graph_max_bs rows (FlashInfer's decode kernels, or the Triton
+split-KV kernel up to the backend's triton_decode_max_rows, with no plan to make before a replay), and, over a
 Triton-cascade backend (FP8 pools; RADIXSERVE_DISABLE_CASCADE_GRAPHS=1 turns it off), cascade decode past
 that, every 128 rows up to the running-request limit (GraphCascade: fixed grids, the step's cascade plan
 copied into static buffers by `stage_cascade`). Eager, a 1,000-row cascade step costs the host ~30-40 ms of
@@ -103,15 +104,19 @@ class CudaGraphRunner:
             self.cascades[bs].load_padding()  # at capture every row is a padding row
             self.backend.use_graph_cascade(self.cascades[bs], batch)
             self.cascade_graphs[bs], self.cascade_logits[bs] = self._capture(bs, batch, stream)
-            self.backend.end_graph_cascade()
+            self.backend.end_graph_capture()
         for bs in reversed(self.sizes):
-            wrapper = self.backend.make_graph_decode_wrapper(
-                bs, self.kv_indptr, self.kv_indices, self.kv_last_page_len
-            )
-            self.wrappers[bs] = wrapper
             batch = self._batch(bs, (1,) * bs)
-            self.backend.plan_decode(wrapper, batch, gather_kv_indices(batch, bs).to(torch.int32))
+            if bs <= self.backend.triton_decode_max_rows:  # no wrapper: nothing to plan before a replay
+                self.backend.use_graph_triton_decode(batch)
+            else:
+                wrapper = self.backend.make_graph_decode_wrapper(
+                    bs, self.kv_indptr, self.kv_indices, self.kv_last_page_len
+                )
+                self.wrappers[bs] = wrapper
+                self.backend.plan_decode(wrapper, batch, gather_kv_indices(batch, bs).to(torch.int32))
             self.graphs[bs], self.logits[bs] = self._capture(bs, batch, stream)
+            self.backend.end_graph_capture()
         torch.cuda.synchronize()
 
     def _capture(
@@ -175,12 +180,15 @@ class CudaGraphRunner:
         seq_lens_cpu: tuple[int, ...],
     ) -> int:
         """Copy a decode step's inputs but its token ids into the static buffers and plan the attention
-        wrapper of its padded size; returns that size. Stream-ordered after the graph replayed last (whose
-        buffers these are), so it may run while that replay is still queued."""
+        wrapper of its padded size (a size on Triton decode has none); returns that size. Stream-ordered
+        after the graph replayed last (whose buffers these are), so it may run while that replay is still
+        queued."""
         num_rows = len(seq_lens_cpu)
         bs = self.padded_size(num_rows)
         assert bs is not None, f"no CUDA graph for batch size {num_rows}"
         self._stage_inputs(bs, positions, out_slots, req_rows, seq_lens)
+        if bs not in self.wrappers:
+            return bs
         padded_lens = seq_lens_cpu + (1,) * (bs - num_rows)
         batch = self._batch(bs, padded_lens)
         indices = gather_kv_indices(batch, sum(padded_lens)).to(torch.int32)  # plan copies it into kv_indices

@@ -34,7 +34,7 @@ from radixserve.ops.kv_dtype import to_kv
 
 def check_backend(
     extend_lens: list[int], seq_lens: list[int], shared: int = 0, kv_dtype: torch.dtype = torch.bfloat16,
-    decode_tensor_cores: bool = True,
+    decode_tensor_cores: bool = True, triton_decode_max_rows: int = 0,
 ) -> float:
     """Relative error of FlashInfer against the torch backend in float32 over the same pool contents; with
     `shared`, every row's first `shared` slots are the same (one cached prefix) and the leading decode rows
@@ -69,7 +69,8 @@ def check_backend(
     k = torch.randn(t, hkv, d, device=dev, dtype=dt)
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
-                                    decode_tensor_cores=decode_tensor_cores)
+                                    decode_tensor_cores=decode_tensor_cores,
+                                    triton_decode_max_rows=triton_decode_max_rows)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     split = decode_rows if 0 < decode_rows < len(seq_lens) else 0
@@ -297,6 +298,21 @@ async def main(args: argparse.Namespace) -> None:
         res["decode_128x2700_attention_32_layers_fp8_e4m3"] = time_decode(128, 2700, torch.float8_e4m3fn)
         finish(res, args.out)
         return
+    if args.triton_decode_check:  # small decode steps on the Triton split-KV kernel, against torch
+        for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            tag = str(kv_dtype).removeprefix("torch.")
+            res[f"triton_small_decode_rel_err_{tag}"] = [
+                check_backend([1] * len(lens), lens, kv_dtype=kv_dtype, triton_decode_max_rows=8)
+                for lens in ([1], [1024], [5, 300, 1024, 2049], [7] * 8)]
+            if not args.skip_mixed:  # (FlashInfer's prefill kernel runs the prompt row: a JIT on a fresh card)
+                res[f"triton_small_decode_mixed_rel_err_{tag}"] = check_backend(
+                    [1, 1, 100], [900, 40, 300], kv_dtype=kv_dtype, triton_decode_max_rows=8)
+        print(res, flush=True)
+        finish(res, args.out)
+        errors = [e for k, v in res.items() if k.startswith("triton_small") for e in (v if isinstance(v, list)
+                                                                                      else [v])]
+        assert max(errors) < 1e-2, "Triton small-batch decode differs from the torch backend"
+        return
     if args.cascade_graph_check:
         errors = check_cascade_graph()
         res["cascade_graph_rel_err_vs_eager"] = errors
@@ -427,6 +443,9 @@ if __name__ == "__main__":
                         help="only cascade decode: FlashInfer's vs the Triton kernels (FP8 and bf16 pools), "
                              "checked against the torch backend and timed at 64 groups x 16 rows, then the "
                              "Triton kernels' launch settings")
+    parser.add_argument("--triton-decode-check", action="store_true",
+                        help="decode of <= 8 rows on the Triton split-KV kernel vs the torch backend")
+    parser.add_argument("--skip-mixed", action="store_true", help="--triton-decode-check without a mixed step")
     parser.add_argument("--cascade-graph-check", action="store_true",
                         help="Triton cascade decode captured in a CUDA graph (GraphCascade) against eager")
     parser.add_argument("--tune-cascade", action="store_true",

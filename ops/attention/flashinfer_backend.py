@@ -9,7 +9,10 @@ on an H100 (an offline run's step times; a decode step spends ~0.17), since its 
 prompt rows. Decode rows that share long cached prefixes (the scheduler says which, in `shared_lens_cpu`) may
 run as cascade attention instead (cascade.py): the prefix level on an FA2 prefill wrapper of its own, the
 rest of each row on a second decode wrapper, merged per layer; over an FP8 pool, the Triton cascade kernels
-(triton_cascade.py) instead, which need no FlashInfer plan.
+(triton_cascade.py) instead, which need no FlashInfer plan. Decode steps of at most `triton_decode_max_rows`
+rows (RADIXSERVE_TRITON_DECODE_MAX_BS, default 0: none) run radixserve's Triton split-KV decode kernel (with
+PDL, no plan) instead of FlashInfer's: at batch 1, FlashInfer's tensor-core decode is the prefill kernel plus
+a merge, ~10-13 us a layer for 4 MB of K/V (an H200 trace, session 10), against ~1 us of bytes.
 
 Workspaces: wrappers planned for the same step need their own. A (`workspace`): plain decode, whole-step
 prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompts.
@@ -36,8 +39,10 @@ from radixserve.ops.attention.triton_cascade import (
     cascade_tensors,
     cascade_workspace,
 )
+from radixserve.ops.attention.triton_ops import decode_attention, decode_num_splits, decode_workspace
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 from radixserve.ops.kv_dtype import FP8_DTYPES
+from radixserve.ops.triton_launch import pdl_enabled
 
 WORKSPACE_BYTES = 256 << 20
 DISABLE_CASCADE_ENV = "RADIXSERVE_DISABLE_CASCADE"  # =1: never cascade (for A/B measurements)
@@ -45,6 +50,11 @@ DISABLE_MIXED_SPLIT_ENV = "RADIXSERVE_DISABLE_MIXED_SPLIT"  # =1: a mixed step i
 DECODE_CUDA_CORES_ENV = "RADIXSERVE_DECODE_CUDA_CORES"  # =1: decode on FlashInfer's CUDA-core kernels (A/B)
 # Which kernels run cascade decode: "triton" (the default over FP8 pools) or "flashinfer" (over 16-bit ones).
 CASCADE_KERNELS_ENV = "RADIXSERVE_CASCADE_KERNELS"
+# Decode steps of at most this many rows on the Triton split-KV kernel (see the docstring); unset: 0.
+TRITON_DECODE_MAX_BS_ENV = "RADIXSERVE_TRITON_DECODE_MAX_BS"
+# Its grid: at most 16 splits of at least 64 keys (1,024 keys: 16 programs of one 64-key tile per kv head).
+TRITON_DECODE_MAX_SPLITS = 16
+TRITON_DECODE_MIN_SPLIT_LEN = 64
 
 
 def kv_indptr_host(seq_lens: tuple[int, ...]) -> torch.Tensor:
@@ -100,6 +110,7 @@ class FlashInferAttentionBackend:
         decode_tensor_cores: bool | None = None,  # None: yes unless RADIXSERVE_DECODE_CUDA_CORES=1
         cascade_kernels: str | None = None,  # "triton" | "flashinfer"; None: RADIXSERVE_CASCADE_KERNELS, else
         # triton over FP8 pools, flashinfer over 16-bit ones
+        triton_decode_max_rows: int | None = None,  # None: RADIXSERVE_TRITON_DECODE_MAX_BS, else 0
     ) -> None:
         import flashinfer
 
@@ -157,6 +168,21 @@ class FlashInferAttentionBackend:
         self.cascade_enabled = os.environ.get(DISABLE_CASCADE_ENV, "0") != "1"
         self.split_mixed_steps = os.environ.get(DISABLE_MIXED_SPLIT_ENV, "0") != "1"
         self.num_cascade_steps = 0
+        if triton_decode_max_rows is None:
+            value = os.environ.get(TRITON_DECODE_MAX_BS_ENV, "0")
+            if not value.isdigit():
+                raise ValueError(f"{TRITON_DECODE_MAX_BS_ENV} must be a row count >= 0, not {value!r}")
+            triton_decode_max_rows = int(value)
+        if triton_decode_max_rows < 0:
+            raise ValueError(f"triton_decode_max_rows must be >= 0, not {triton_decode_max_rows}")
+        self.triton_decode_max_rows = triton_decode_max_rows
+        # This step's decode rows on the Triton kernel (None: not), and whether its grid is a CUDA graph's
+        # (sized for any length). One workspace: graphs point to it, so it is never reallocated.
+        self._triton_decode: AttentionBatch | None = None
+        self._triton_decode_graph = False
+        self._triton_decode_workspace = decode_workspace(
+            triton_decode_max_rows, num_q_heads, head_dim, TRITON_DECODE_MAX_SPLITS, self.device)
+        self._pdl = pdl_enabled(self.device)
         if self.cascade_enabled:
             self._load_cascade_kernels()
 
@@ -189,7 +215,7 @@ class FlashInferAttentionBackend:
         self._cascade, self._triton_cascade, self.num_cascade_steps = False, None, 0
 
     def use_graph_cascade(self, graph: GraphCascade, batch: AttentionBatch) -> None:
-        """Until end_graph_cascade, run decode steps as Triton cascade over `graph`'s static plan and
+        """Until end_graph_capture, run decode steps as Triton cascade over `graph`'s static plan and
         workspace (a cascade CUDA graph's capture: at each replay the plan is what graph.load last wrote)."""
         if not self.cascade_on_triton:
             raise UnsupportedFeatureError(
@@ -198,8 +224,19 @@ class FlashInferAttentionBackend:
         self._cascade, self._split = False, 0
         self._triton_cascade = (graph.tensors, graph.workspace, batch)
 
-    def end_graph_cascade(self) -> None:
-        self._triton_cascade = None
+    def use_graph_triton_decode(self, batch: AttentionBatch) -> None:
+        """Until end_graph_capture, run decode steps on the Triton split-KV kernel over `batch`'s (static)
+        tensors, its grid sized for any sequence length (a plain CUDA graph's capture, at most
+        triton_decode_max_rows rows: such a graph needs no plan before its replays)."""
+        if batch.num_rows > self.triton_decode_max_rows:
+            raise ValueError(f"{batch.num_rows} rows: the Triton decode workspace holds "
+                             f"{self.triton_decode_max_rows}")
+        self._cascade, self._triton_cascade, self._split = False, None, 0
+        self._triton_decode, self._triton_decode_graph = batch, True
+
+    def end_graph_capture(self) -> None:
+        """Ends use_graph_cascade or use_graph_triton_decode."""
+        self._triton_cascade, self._triton_decode, self._triton_decode_graph = None, None, False
 
     def make_graph_decode_wrapper(
         self, bs: int, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor
@@ -222,6 +259,7 @@ class FlashInferAttentionBackend:
 
     def prepare(self, batch: AttentionBatch) -> None:
         self._cascade, self._triton_cascade, self._split = False, None, 0
+        self._triton_decode, self._triton_decode_graph = None, False
         d = batch.num_leading_decode_rows
         if d == batch.num_rows:
             self._prepare_decode(batch)
@@ -245,6 +283,9 @@ class FlashInferAttentionBackend:
             if cascade is not None:
                 self._set_cascade(batch, cascade)
                 return
+        if batch.num_rows <= self.triton_decode_max_rows:
+            self._triton_decode = batch  # no plan
+            return
         indices = gather_kv_indices(batch, sum(batch.seq_lens_cpu)).to(torch.int32)
         self.plan_decode(self.decode, batch, indices)
 
@@ -314,7 +355,7 @@ class FlashInferAttentionBackend:
         # q is a view into the QKV projection's output (rotated in place); the Triton cascade reads it through
         # its strides, FlashInfer's kernels want it contiguous (a copy a layer: ~10 us at 1,000 rows).
         if not self._split:
-            if self._cascade or self._triton_cascade:
+            if self._cascade or self._triton_cascade or self._triton_decode is not None:
                 return self._attend_decode(q, kv, layer_id, None)
             return self._wrapper.run(q.contiguous(), kv)
         d = self._split
@@ -326,6 +367,15 @@ class FlashInferAttentionBackend:
     def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer_id: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         """The decode rows' attention, plain or cascade, into `out` (a fresh tensor when None)."""
+        if self._triton_decode is not None:
+            rows = self._triton_decode
+            max_len = None if self._triton_decode_graph else max(rows.seq_lens_cpu, default=1)
+            splits = decode_num_splits(rows.num_rows, self.num_q_heads, self.num_kv_heads, self.num_sms,
+                                       TRITON_DECODE_MAX_SPLITS, TRITON_DECODE_MIN_SPLIT_LEN, max_len)
+            return decode_attention(
+                q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
+                rows.seq_lens, self.scale, splits, min_split_len=TRITON_DECODE_MIN_SPLIT_LEN,
+                workspace=self._triton_decode_workspace, out=out, pdl=self._pdl)
         if self._triton_cascade is not None:
             tensors, workspace, rows = self._triton_cascade
             return cascade_decode_attention(

@@ -21,7 +21,6 @@ Kernels compile on first use, so warm up (one eager decode step per size) before
 from __future__ import annotations
 
 import torch
-import triton
 
 from radixserve.ops.attention.cascade import CascadePlan, plan_cascade
 from radixserve.ops.attention.triton_cascade import (
@@ -33,7 +32,7 @@ from radixserve.ops.attention.triton_cascade import (
 )
 from radixserve.ops.attention.triton_ops import (
     decode_attention,
-    decode_head_groups,
+    decode_num_splits,
     decode_workspace,
     extend_attention,
 )
@@ -88,13 +87,9 @@ class TritonAttentionBackend:
         self._workspace = decode_workspace(max_rows, num_q_heads, self.head_dim, splits, device)
 
     def num_kv_splits(self, num_rows: int, num_q_heads: int, max_seq_len: int | None) -> int:
-        """Splits of the decode grid: about two waves of programs over the SMs, none shorter than
-        min_split_len keys when max_seq_len is known (None: CUDA-graph capture, any length may come)."""
-        _, head_programs = decode_head_groups(num_q_heads, self.num_kv_heads)
-        splits = triton.cdiv(2 * self.num_sms, max(num_rows * head_programs, 1))
-        if max_seq_len is not None:
-            splits = min(splits, triton.cdiv(max_seq_len, self.min_split_len))
-        return max(1, min(splits, self.max_kv_splits))
+        """Splits of the decode grid (triton_ops.decode_num_splits; max_seq_len None: CUDA-graph capture)."""
+        return decode_num_splits(num_rows, num_q_heads, self.num_kv_heads, self.num_sms, self.max_kv_splits,
+                                 self.min_split_len, max_seq_len)
 
     def prepare(self, batch: AttentionBatch) -> None:
         """Plan cascade attention for a decode step whose rows share cached prefixes (eager steps only: CUDA

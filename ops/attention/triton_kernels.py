@@ -38,6 +38,8 @@ import math
 import triton
 import triton.language as tl
 
+from radixserve.ops.triton_launch import wait_for_predecessor
+
 LOG2E = math.log2(math.e)
 MIN_HEAD_BLOCK = 16  # tl.dot needs at least 16 rows: a head group is padded up to this
 MAX_HEAD_BLOCK = 16  # q heads sharing one kv head that one decode program handles at most
@@ -141,8 +143,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
-    F16: tl.constexpr, PRECISION: tl.constexpr,
+    F16: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
     # folds in level 0's splits 0 .. split_base-1 from the workspace and writes the final output to Out,
     # instead of a partial for the reduce kernel.
@@ -244,8 +247,9 @@ def _decode_reduce_kernel(
     MidO, MidLse, Out,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)

@@ -39,6 +39,21 @@ def decode_workspace(
     return mid_o, mid_lse
 
 
+def decode_num_splits(
+    num_rows: int, num_q_heads: int, num_kv_heads: int, num_sms: int, max_splits: int, min_split_len: int,
+    max_seq_len: int | None,
+) -> int:
+    """Splits of the decode grid: about two waves of programs over the SMs, none shorter than min_split_len
+    keys when max_seq_len is known. None: a CUDA-graph capture, where any length may come, so the grid
+    depends on the batch size and head counts only (each row then uses min(splits, cdiv(seq_len,
+    min_split_len)) of them on the device, and one graph serves every length)."""
+    _, head_programs = decode_head_groups(num_q_heads, num_kv_heads)
+    splits = triton.cdiv(2 * num_sms, max(num_rows * head_programs, 1))
+    if max_seq_len is not None:
+        splits = min(splits, triton.cdiv(max_seq_len, min_split_len))
+    return max(1, min(splits, max_splits))
+
+
 # The default of fp8_f16 (FP8 pools under bf16 queries: dots in fp16; _query_operand in triton_kernels.py).
 # Measured on an H100 (session 9, check_gpu_path --fp8-f16-check): cascade decode at the shared-prefix
 # benchmark's shape 11.3 vs 13.3 ms a 32-layer step, level 0 alone 6.0 vs 7.3; relative error against the
@@ -111,10 +126,12 @@ def decode_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
     block_n: int = 64,
+    pdl: bool = False,
 ) -> torch.Tensor:  # [B, Hq, d]
     """Split-KV decode. The grid is (B, head programs, num_splits); a row uses at most
     cdiv(seq_len, min_split_len) of the splits. `workspace` (see decode_workspace) may be larger than needed:
     its split width, not num_splits, fixes the reduce kernel's compiled variant. Writes out and the workspace.
+    pdl: both kernels launch with programmatic dependent launch (ops/triton_launch.py).
     """
     _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
     num_rows, num_q_heads, head_dim = q.shape
@@ -133,8 +150,8 @@ def decode_attention(
         return out
 
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, scale, num_splits, 0,
-                  min_split_len, workspace, block_n)
-    reduce_splits(workspace, out, num_splits)
+                  min_split_len, workspace, block_n, pdl=pdl)
+    reduce_splits(workspace, out, num_splits, pdl=pdl)
     return out
 
 
@@ -163,7 +180,7 @@ def decode_splits(
     req_rows: torch.Tensor, seq_lens: torch.Tensor, kv_starts: torch.Tensor | None, scale: float,
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
     block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
-    merge_into: torch.Tensor | None = None, fp8_f16: bool | None = None,
+    merge_into: torch.Tensor | None = None, fp8_f16: bool | None = None, pdl: bool = False,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
     split_base .. split_base + num_splits - 1. Inputs already checked.
@@ -191,11 +208,13 @@ def decode_splits(
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
         MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast, F16=f16,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        PRECISION=precision, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 
-def reduce_splits(workspace: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, num_splits: int) -> None:
+def reduce_splits(
+    workspace: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, num_splits: int, pdl: bool = False
+) -> None:
     """Stage 2 of decode: out[b, h] = the lse-weighted sum of splits 0 .. num_splits-1 of row b, head h. The
     workspace's split width, not num_splits, fixes the compiled variant (one per width)."""
     mid_o, mid_lse = workspace
@@ -205,7 +224,7 @@ def reduce_splits(workspace: tuple[torch.Tensor, torch.Tensor], out: torch.Tenso
         out.stride(0), out.stride(1),
         num_splits,
         HEAD_DIM=out.shape[2], BLOCK_S=triton.next_power_of_2(mid_o.shape[2]),
-        BLOCK_D=triton.next_power_of_2(out.shape[2]), num_warps=4,
+        BLOCK_D=triton.next_power_of_2(out.shape[2]), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
 
 
