@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from radixserve.engine import Engine
 from radixserve.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -10,9 +11,8 @@ from radixserve.errors import (
     RadixServeError,
     RequestAbortedError,
 )
-from radixserve.sampling_params import SamplingParams
-from radixserve.engine import Engine
 from radixserve.outputs import GenerateOutput, StreamDelta
+from radixserve.sampling_params import SamplingParams
 
 __all__ = [
     "ContextLengthError",

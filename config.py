@@ -88,7 +88,9 @@ class EngineConfig:
             raise ValueError(f"schedule_policy must be lpm, fcfs or priority, got {self.schedule_policy!r}")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
-        for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "cuda_graph_max_bs"):
+        for name in (
+            "chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "cuda_graph_max_bs"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
@@ -113,8 +115,8 @@ class EngineConfig:
         if self.quantization is not None:
             raise UnsupportedFeatureError(f"quantization {self.quantization!r} is not built yet")
         if self.enable_flashinfer_allreduce_fusion and (self.tp_size == 1 or self.nnodes > 1):
-            raise ValueError("enable_flashinfer_allreduce_fusion fuses the all-reduces of tensor parallelism on "
-                             "one host: it needs tp_size > 1 and nnodes 1")
+            raise ValueError("enable_flashinfer_allreduce_fusion fuses the all-reduces of tensor parallelism "
+                             "on one host: it needs tp_size > 1 and nnodes 1")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
@@ -122,7 +124,8 @@ class EngineConfig:
             raise UnsupportedFeatureError("--enable-torch-compile is not built yet")
         if self.attention_backend not in ("auto", "torch", "flashinfer", "triton"):
             raise UnsupportedFeatureError(
-                f"attention backend {self.attention_backend!r} is not built (available: flashinfer, triton, torch)"
+                f"attention backend {self.attention_backend!r} is not built "
+                "(available: flashinfer, triton, torch)"
             )
 
     def dist_init_endpoint(self) -> tuple[str, int]:

@@ -69,9 +69,13 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model_path: str | None = None, config: EngineConfig | None = None, **kwargs: Any
+    ) -> None:
         base = config or EngineConfig()
-        self.config = replace(base, model_path=model_path if model_path is not None else base.model_path, **kwargs)
+        self.config = replace(
+            base, model_path=model_path if model_path is not None else base.model_path, **kwargs
+        )
         self._stack: contextlib.AsyncExitStack | None = None
         self._procs: list[anyio.abc.Process] = []  # this host's worker processes, by replica then rank
         self._groups: list[WorkerGroup] = []
@@ -105,7 +109,8 @@ class Engine:
             raise UnsupportedFeatureError("--enable-flashinfer-allreduce-fusion needs CUDA GPUs")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         context = min(cfg.context_length or self.model_config.max_position_embeddings,
-                      self.model_config.max_position_embeddings if cfg.context_length is None else cfg.context_length)
+                      self.model_config.max_position_embeddings if cfg.context_length is None
+                      else cfg.context_length)
         max_rows = cfg.max_running_requests + 1
         # Every rank of a TP group must draw the same sampling noise: give them one seed (gpu_worker.py).
         seed = cfg.random_seed
@@ -133,8 +138,9 @@ class Engine:
             self.context_length = min(context, self.ready.num_slots - 1)
             await self._start_actors(max_rows)
             if not cfg.disable_gc_freeze:
-                # What lives now (modules, tokenizer, configs) lives as long as the engine: out of the cyclic
-                # GC's scans, whose full collections paused offline runs for ~0.3 s each (workers do the same).
+                # What lives now (modules, tokenizer, configs) lives as long as the engine: out of the
+                # cyclic GC's scans, whose full collections paused offline runs for ~0.3 s each (workers
+                # do the same).
                 gc.collect()
                 gc.freeze()
                 # After the freeze, every 10th gen-1 collection is a full one (the heap it compares against
@@ -362,15 +368,17 @@ class Engine:
         assert last is not None and last.finish_reason is not None
         return GenerateOutput(
             rid=handle.rid, text="".join(text), token_ids=tokens, prompt_token_ids=handle.prompt_ids,
-            finish_reason=last.finish_reason, usage=last.usage or Usage(len(handle.prompt_ids), len(tokens), 0),
+            finish_reason=last.finish_reason,
+            usage=last.usage or Usage(len(handle.prompt_ids), len(tokens), 0),
             matched_stop=last.matched_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
 
     # -------------------------------------------------------------------------------------- introspection
 
-    async def wait_idle(self, timeout: float = 30.0) -> None:
+    async def wait_idle(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (the public API's timeout)
         with anyio.fail_after(timeout):
-            while not all(s.idle for s in self.schedulers) or self.ingress.num_outstanding:
+            # Polled on purpose: Scheduler.idle and ingress.num_outstanding set no event to wait on.
+            while not all(s.idle for s in self.schedulers) or self.ingress.num_outstanding:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
     async def check_integrity(self) -> None:

@@ -13,7 +13,9 @@ from radixserve.engine import Engine
 async def _main(args: argparse.Namespace) -> None:
     async with Engine(args.model_path) as engine:
         params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-        async for delta in engine.stream(messages=[{"role": "user", "content": args.prompt}], sampling_params=params):
+        async for delta in engine.stream(
+            messages=[{"role": "user", "content": args.prompt}], sampling_params=params
+        ):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -1,7 +1,8 @@
 """Sampling parameters of one request: a leaf module (imports nothing of radixserve but errors).
 
-The names follow SGLang's `sampling_params` (which the native `/generate` route takes as is); the OpenAI routes
-map their fields onto these. Unknown keys are rejected when decoding from a dict (`forbid_unknown_fields`).
+The names follow SGLang's `sampling_params` (which the native `/generate` route takes as is); the OpenAI
+routes map their fields onto these. Unknown keys are rejected when decoding from a dict
+(`forbid_unknown_fields`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     n: int = 1
-    # Log-probabilities: None = not returned; k >= 0 = the sampled token's logprob plus the top k alternatives.
+    # Log-probabilities: None = not returned; k >= 0 = the sampled token's logprob plus the top k
+    # alternatives.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     # Where the prompt's logprobs start (SGLang's logprob_start_len); only with prompt_logprobs.
@@ -78,10 +80,14 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
             _check(self.min_new_tokens == 0, "min_new_tokens", f"cannot be combined with {given[0]}")
         if vocab_size is not None:
             for token in self.stop_token_ids or ():
-                _check(0 <= token < vocab_size, "stop_token_ids", f"token id {token} is outside the vocabulary")
+                _check(
+                    0 <= token < vocab_size, "stop_token_ids", f"token id {token} is outside the vocabulary"
+                )
             for token, bias in (self.logit_bias or {}).items():
                 _check(0 <= token < vocab_size, "logit_bias", f"token id {token} is outside the vocabulary")
-                _check(math.isfinite(bias) or bias == -math.inf, "logit_bias", "biases must be finite or -inf")
+                _check(
+                    math.isfinite(bias) or bias == -math.inf, "logit_bias", "biases must be finite or -inf"
+                )
         return self
 
     @property

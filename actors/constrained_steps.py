@@ -74,8 +74,8 @@ class ConstrainedSteps:
 
     def _fill(self, reqs: list[Req], step: int, out: np.ndarray) -> None:
         """Row g of `out` <- the mask of reqs[g]; a row whose sample will be dropped allows every token."""
-        # NOTE: one matcher at a time: a mask from xgrammar's cache takes ~3 us, less than handing the batch to
-        # its threads (BatchGrammarMatcher) costs (measured with 64 JSON and character-class matchers).
+        # NOTE: one matcher at a time: a mask from xgrammar's cache takes ~3 us, less than handing the batch
+        # to its threads (BatchGrammarMatcher) costs (measured with 64 JSON and character-class matchers).
         for g, req in enumerate(reqs):
             assert req.grammar is not None
             if req.finished or req.discard_step == step:
@@ -95,8 +95,11 @@ class ConstrainedSteps:
         if req.inflight == 0:
             self.jump_forward(req, cfg)
         elif req.grammar.forces_text():
-            # In flight means planned in the next step, as a decode row that samples (it had a pending sample).
-            assert req.pending_step >= 0 and req.inflight == 1, "constrained request in flight without a sample"
+            # In flight means planned in the next step, as a decode row that samples
+            # (it had a pending sample).
+            assert req.pending_step >= 0 and req.inflight == 1, (
+                "constrained request in flight without a sample"
+            )
             req.discard_step = req.pending_step
 
     def after_dropped_sample(self, req: Req, token: int, cfg: SchedulerConfig) -> None:

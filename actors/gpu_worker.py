@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ from radixserve.ops.parallel import TPGroup
 from radixserve.ops.sampler import Sampler
 from radixserve.ops.symm_all_reduce import make_one_shot_all_reduce
 
-# Set to a path prefix: the worker profiles its whole serve loop with cProfile and writes PATH.<pid> at shutdown.
+# Set to a path prefix: the worker profiles its whole serve loop with cProfile and writes PATH.<pid>
+# at shutdown.
 PROFILE_ENV = "RADIXSERVE_WORKER_PROFILE"
 # Cascade CUDA graphs (DISABLE_CASCADE_GRAPHS_ENV turns them off) up to this many rows: each size keeps
 # its own logits buffer (rows x vocab in the model dtype: 263 MB at 1,024 rows of Llama-3's vocabulary).
@@ -195,7 +196,7 @@ def make_attention_backend(
     """The attention backend `name` over the pool `kv`, for queries of the model's `dtype`."""
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
-    attn = model.model.layers[0].self_attn  # per-rank head counts and the softmax scale
+    attn = cast(Any, model).model.layers[0].self_attn  # per-rank head counts and the softmax scale
     num_q_heads = attn.qkv_proj.q_size // attn.head_dim
     if name == "torch":
         return TorchAttentionBackend(kv.k_buffers, kv.v_buffers)
@@ -208,7 +209,9 @@ def make_attention_backend(
                 dtype=dtype,
             )
         except ImportError as e:
-            raise UnsupportedFeatureError(f"flashinfer is not installed ({e}); pip install flashinfer-python") from e
+            raise UnsupportedFeatureError(
+                f"flashinfer is not installed ({e}); pip install flashinfer-python"
+            ) from e
     if name == "triton":
         if device.type != "cuda":
             raise UnsupportedFeatureError("the triton backend needs CUDA; use --attention-backend torch")

@@ -184,7 +184,8 @@ class Ingress:
         if input_ids is not None:
             if len(input_ids) < OFF_LOOP_IDS:
                 ids = valid_token_ids(input_ids, self.limits.vocab_size)
-            else:  # as a text prompt is tokenized: the scheduler runs while a burst of long prompts is checked
+            else:  # as a text prompt is tokenized: the scheduler runs while a burst of long prompts
+                # is checked
                 ids = await anyio.to_thread.run_sync(valid_token_ids, input_ids, self.limits.vocab_size)
         elif messages is not None:
             if not messages:
@@ -222,8 +223,8 @@ class Ingress:
         if prompt_len + params.max_new_tokens > ctx:
             raise ContextLengthError(
                 "max_new_tokens",
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-                f"length {ctx}",
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context length {ctx}",
             )
         return params.max_new_tokens
 

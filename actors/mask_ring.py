@@ -87,7 +87,8 @@ class MaskRing:
 
 
 class MaskRingReader:
-    """A worker's side: maps the ring a MaskSlot names (anew when the scheduler replaced it by a larger one)."""
+    """A worker's side: maps the ring a MaskSlot names (anew when the scheduler replaced it by a larger
+    one)."""
 
     def __init__(self) -> None:
         self._ring: MaskRing | None = None

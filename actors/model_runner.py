@@ -239,7 +239,9 @@ class ModelRunner:
                 logits = logits[_to_device(sample_rows, self.device)]
         else:
             self.backend.prepare(attn)
-            hidden = self.model(ForwardBatch(prep.input_ids, prep.positions, attn, self.backend))  # [T, hidden]
+            hidden = self.model(
+                ForwardBatch(prep.input_ids, prep.positions, attn, self.backend)
+            )  # [T, hidden]
             last = _to_device(prep.starts[sample_rows] + prep.extend_lens[sample_rows] - 1, self.device)
             logits = self.model.compute_logits(hidden[last], upcast=False) if len(sample_rows) else None
         return LaunchedStep(prep, hidden, logits)
@@ -296,7 +298,9 @@ class ModelRunner:
         return token_logprobs(logits, targets, top_k, self.sampler.vocab_size)
 
 
-def _prompt_lp(b: int, top_k: int, lps: torch.Tensor, ids: torch.Tensor, tops: torch.Tensor) -> PromptLogprobs:
+def _prompt_lp(
+    b: int, top_k: int, lps: torch.Tensor, ids: torch.Tensor, tops: torch.Tensor
+) -> PromptLogprobs:
     return PromptLogprobs(
         row=b,
         logprobs=lps.float().numpy().astype("<f4").tobytes(),

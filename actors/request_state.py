@@ -40,8 +40,9 @@ class Req:
     __slots__ = (
         "rid", "params", "max_new_tokens", "stop_ids", "prompt_ids", "output_ids", "arrival_time",
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
-        "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs", "cached_tokens",
-        "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar", "error", "discard_step",
+        "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs",
+        "cached_tokens", "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar",
+        "error", "discard_step",
         "announced", "head_hash", "cache_tried_len", "shared_with_prev", "_prompt_array",
     )
 
@@ -82,7 +83,8 @@ class Req:
         self.num_final_outputs = -1  # output length at the finish; later samples are dropped
         self.cached_tokens = 0
         self.admitted_once = False
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after it
+        # [None] + one per prompt token after it
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.output_logprobs: list[TokenLogprob] = []  # computed, not yet reported
         self.prefix_hint = 0  # prefix match length seen by the last lpm ordering
         self.grammar: GrammarState | None = None  # the matcher of a constrained request

@@ -23,9 +23,9 @@ BATCHES = (1, 8, 32, 64)
 CONTEXTS = (1024, 4096)
 MAX_KV_LAYERS = 32  # the model's layer count: no more distinct KV pools than a real step reads
 # The plans timed: FlashInfer's default split-KV decision on tensor cores and CUDA cores, and tensor cores
-# without split-KV (one kernel, no merge). Fixed split sizes were tried too: in a CUDA graph on an H100 at batch
-# 1 and 1024 tokens 128/256/512 took 11.5/12.6/16.0 us against the default plan's 10.9, and at batch 32
-# FlashInfer 0.5.3 refuses them in CUDA-graph mode.
+# without split-KV (one kernel, no merge). Fixed split sizes were tried too: in a CUDA graph on an H100 at
+# batch 1 and 1024 tokens 128/256/512 took 11.5/12.6/16.0 us against the default plan's 10.9, and at batch
+# 32 FlashInfer 0.5.3 refuses them in CUDA-graph mode.
 PLANS: dict[str, tuple[bool, dict[str, Any]]] = {
     "tensor_cores": (True, {}),
     "cuda_cores": (False, {}),

@@ -4,9 +4,10 @@
     python -m radixserve.benchmarks.bench_hf_generate --model-path .bench-models/llama-3.1-8b --dummy \
         --batch-size 1 32 --input-len 1024 --output-len 128
 
-With no --model-path it loads the default model (SmolLM2 GGUF, dequantized by transformers). --dummy builds the
-architecture of a config.json with random weights (as radixserve's load_format=dummy does). Greedy, no EOS stop
-(min_new_tokens = max_new_tokens), random token-id prompts of equal length, so no padding is involved.
+With no --model-path it loads the default model (SmolLM2 GGUF, dequantized by transformers). --dummy builds
+the architecture of a config.json with random weights (as radixserve's load_format=dummy does). Greedy, no
+EOS stop (min_new_tokens = max_new_tokens), random token-id prompts of equal length, so no padding is
+involved.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def load(model_path: str | None, dummy: bool, dtype: torch.dtype, device: str) -
 
     source = resolve_model_source(model_path, need_weights=not dummy)
     if source.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.directory, gguf_file=source.path.name, dtype=dtype
+        )
     elif dummy:
         config = AutoConfig.from_pretrained(source.path)
         with torch.device(device):
@@ -36,7 +39,9 @@ def load(model_path: str | None, dummy: bool, dtype: torch.dtype, device: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--dummy", action="store_true", help="random weights from config.json")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
@@ -66,7 +71,10 @@ def main() -> None:
         generated = (out.shape[1] - args.input_len) * bs
         rows.append({"batch_size": bs, "input_len": args.input_len, "output_len": args.output_len,
                      "seconds": elapsed, "output_tok_s": generated / elapsed})
-    print_table("transformers generate", [(f"batch {r['batch_size']} output tok/s", r["output_tok_s"]) for r in rows])
+    print_table(
+        "transformers generate",
+        [(f"batch {r['batch_size']} output tok/s", r["output_tok_s"]) for r in rows],
+    )
     write_result(args.result_dir, run_info("bench_hf_generate", args), {"runs": rows})
 
 

@@ -304,7 +304,8 @@ async def main(args: argparse.Namespace) -> None:
             res[f"triton_small_decode_rel_err_{tag}"] = [
                 check_backend([1] * len(lens), lens, kv_dtype=kv_dtype, triton_decode_max_rows=8)
                 for lens in ([1], [1024], [5, 300, 1024, 2049], [7] * 8)]
-            if not args.skip_mixed:  # (FlashInfer's prefill kernel runs the prompt row: a JIT on a fresh card)
+            # (FlashInfer's prefill kernel runs the prompt row: a JIT on a fresh card)
+            if not args.skip_mixed:
                 res[f"triton_small_decode_mixed_rel_err_{tag}"] = check_backend(
                     [1, 1, 100], [900, 40, 300], kv_dtype=kv_dtype, triton_decode_max_rows=8)
         print(res, flush=True)
@@ -445,7 +446,8 @@ if __name__ == "__main__":
                              "Triton kernels' launch settings")
     parser.add_argument("--triton-decode-check", action="store_true",
                         help="decode of <= 8 rows on the Triton split-KV kernel vs the torch backend")
-    parser.add_argument("--skip-mixed", action="store_true", help="--triton-decode-check without a mixed step")
+    parser.add_argument("--skip-mixed", action="store_true",
+                        help="--triton-decode-check without a mixed step")
     parser.add_argument("--cascade-graph-check", action="store_true",
                         help="Triton cascade decode captured in a CUDA graph (GraphCascade) against eager")
     parser.add_argument("--tune-cascade", action="store_true",

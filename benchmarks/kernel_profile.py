@@ -21,8 +21,8 @@ def main() -> None:
     a = p.parse_args()
     runner, ready = build_runner(InitWorker(
         rank=0, tp_size=1, model_path=a.model, dtype="bfloat16", device="cuda", context_length=8192,
-        max_rows=a.bs + 1, max_total_tokens=None, mem_fraction_static=0.85, cpu_kv_gib=1, attention_backend="auto",
-        cuda_graph_max_bs=max(a.bs, 1), load_format="dummy"))
+        max_rows=a.bs + 1, max_total_tokens=None, mem_fraction_static=0.85, cpu_kv_gib=1,
+        attention_backend="auto", cuda_graph_max_bs=max(a.bs, 1), load_format="dummy"))
     core = SchedulerCore(SchedulerConfig(num_slots=ready.num_slots, max_rows=a.bs + 1))
     for i in range(a.bs):
         core.submit(SubmitRequest(f"r{i}", torch.randint(100, 30000, (a.input_len,)).tolist(),

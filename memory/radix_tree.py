@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
 from radixserve.memory.kv_pool import SlotAllocator
 
 _TOKEN_DTYPE = np.int64

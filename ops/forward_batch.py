@@ -2,9 +2,9 @@
 
 Layout of one step (B rows, T = sum(extend_lens) new tokens, rows laid out one after another):
 
-    row r:  cached prefix (already in the KV pool)      | extend_lens[r] new tokens
-            req_to_token[req_rows[r], 0 : prefix_len_r] | req_to_token[req_rows[r], prefix_len_r : seq_lens[r]]
-            where prefix_len_r = seq_lens[r] - extend_lens[r]
+    row r: cached prefix (already in the KV pool)      | extend_lens[r] new tokens
+           req_to_token[req_rows[r], 0 : prefix_len_r] | req_to_token[req_rows[r], prefix_len_r : seq_lens[r]]
+           where prefix_len_r = seq_lens[r] - extend_lens[r]
 
 A decode row is an extend row with extend_lens[r] == 1. New token t of row r sits at position
 prefix_len_r + i and its K/V go to slot out_slots[t]; the worker has already written those slots into

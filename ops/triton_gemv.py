@@ -187,7 +187,7 @@ def faster_than_cublas(x: torch.Tensor, weight: torch.Tensor) -> bool:
     stride in K; one row always (it beat cuBLAS on every Llama-3.1-8B shape, 1.03-1.32x on an H100), more rows
     where bench_gemv measured the weight's shape up to at least that batch (TUNED)."""
     m = x.shape[0] if x.dim() == 2 else 0
-    tuned = TUNED.get(tuple(weight.shape), ())
+    tuned = TUNED.get((weight.shape[0], weight.shape[-1]), ())
     return (
         x.is_cuda and 0 < m <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1

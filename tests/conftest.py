@@ -35,7 +35,9 @@ def smollm_hf_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        default_model_dir(), gguf_file=DEFAULT_GGUF, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="session")

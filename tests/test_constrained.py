@@ -135,7 +135,9 @@ async def test_json_schemas_validate_and_jump_forward_keeps_texts(engine: Engine
     assert core.num_grammar_rejections == 0
     assert core.num_masks_after_plan > 0, "constrained rows never rode an overlapped step"
     ring = core.constrained._ring
-    assert ring is not None and Path(ring.path).exists(), "StepMasks went through the socket, not the ring"
+    assert ring is not None and Path(ring.path).exists(), (  # noqa: ASYNC240 (one stat() in a test check)
+        "StepMasks went through the socket, not the ring"
+    )
 
 
 async def test_jump_forward_saves_forward_passes(engine: Engine) -> None:

@@ -17,7 +17,9 @@ from radixserve.errors import ContextLengthError
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 # A pool small enough that 8 concurrent requests must retract; admission deliberately over-commits.
-SMALL_POOL = dict(max_total_tokens=320, chunked_prefill_size=64, new_token_ratio=0.05, min_new_token_ratio=0.0)
+SMALL_POOL = dict(
+    max_total_tokens=320, chunked_prefill_size=64, new_token_ratio=0.05, min_new_token_ratio=0.0
+)
 
 PROMPTS = [
     "Hello",
@@ -53,7 +55,9 @@ async def staggered_greedy(
 
     async def one(i: int) -> None:
         await anyio.sleep(gap * i)
-        out = await engine.generate(input_ids=prompts[i], sampling_params={"temperature": 0, "max_new_tokens": max_new})
+        out = await engine.generate(
+            input_ids=prompts[i], sampling_params={"temperature": 0, "max_new_tokens": max_new}
+        )
         results[i] = out.token_ids
 
     async with anyio.create_task_group() as tg:

@@ -126,11 +126,15 @@ async def test_tp2_matches_tp1(
         await engine.check_integrity()
 
 
-async def greedy_constrained(engine: Engine, prompts: list[list[int]], params: dict[str, object]) -> list[str]:
+async def greedy_constrained(
+    engine: Engine, prompts: list[list[int]], params: dict[str, object]
+) -> list[str]:
     outs = [""] * len(prompts)
 
     async def one(i: int) -> None:
-        outs[i] = (await engine.generate(input_ids=prompts[i], sampling_params={"temperature": 0, **params})).text
+        outs[i] = (
+            await engine.generate(input_ids=prompts[i], sampling_params={"temperature": 0, **params})
+        ).text
 
     async with anyio.create_task_group() as tg:  # together: the constrained rows share overlapped steps
         for i in range(len(prompts)):

@@ -17,7 +17,9 @@ from tests.actors.fake_worker import VOCAB, FakeWorker, reference_generate
 STOP = 3
 
 
-def submit(core: SchedulerCore, rid: str, prompt: list[int], max_new: int, t: float, **params: object) -> None:
+def submit(
+    core: SchedulerCore, rid: str, prompt: list[int], max_new: int, t: float, **params: object
+) -> None:
     core.submit(SubmitRequest(rid, prompt, SamplingParams(**params), max_new, [STOP], t))  # type: ignore[arg-type]
 
 

@@ -113,7 +113,9 @@ def drive(
             known = [req.tokens()[: int(n)] for req, n in zip(reqs, seq_lens, strict=True)]
             for b, req in enumerate(reqs):
                 if req.grammar is not None and prev_rows[b] >= 0:
-                    assert plan.grammar_mask_follows, "a constrained row's mask predates the sample it follows"
+                    assert plan.grammar_mask_follows, (
+                        "a constrained row's mask predates the sample it follows"
+                    )
                 if steps is not None:
                     steps[req.rid] += 1
             inflight.append((plan, known) if plan.grammar_mask_follows else run(plan, known))
@@ -266,7 +268,8 @@ def test_max_new_tokens_cuts_forced_text() -> None:
 def test_constrained_rows_overlap_and_jump_forward_drops_the_sample_in_flight() -> None:
     """Under overlap a constrained request is planned while its sample is in flight: the plan says its masks
     follow, and they come once that sample is applied. When the grammar then forces text (the model wrote
-    "ab" of the regex's "abc"), the in-flight step's sample is dropped and the forced text appended instead."""
+    "ab" of the regex's "abc"), the in-flight step's sample is dropped and the forced text appended
+    instead."""
     core, worker = make()
     submit(core, "a", [5, 6, 7], 20, regex=REGEX)
     first = core.schedule()

@@ -31,8 +31,8 @@ def _run(
     kv_dtype: torch.dtype | None = None,
 ) -> None:
     """rows: (prefix_len, extend_len) per row. Prefix K/V are put in the pool first, at scattered slots.
-    split > 0: the batch's first `split` (decode) rows and the rest attend as two batches (split_rows), the way
-    the FlashInfer backend runs a mixed step. kv_dtype: the pool's (default: dtype); the reference attends
+    split > 0: the batch's first `split` (decode) rows and the rest attend as two batches (split_rows), the
+    way the FlashInfer backend runs a mixed step. kv_dtype: the pool's (default: dtype); the reference attends
     over K/V as the pool holds them."""
     g = torch.Generator().manual_seed(seed)
     kv_dtype = kv_dtype or dtype

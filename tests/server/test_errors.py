@@ -137,7 +137,9 @@ CHAT_ERRORS: list[tuple[dict[str, Any], str]] = [
     (
         {
             "messages": [{"role": "user", "content": "Hi"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+            "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}
+            },
         },
         "response_format",
     ),
