@@ -38,8 +38,9 @@
 #                   the online run, radix_cost
 #   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
 #   triton_decode_ab  batch-1 decode with FlashInfer's decode kernels, then with decode steps of <= 8 rows on the
-#                   Triton split-KV kernel (RADIXSERVE_TRITON_DECODE_MAX_BS=8): TP1 on card 0, and where two
-#                   GPUs are visible TP2 with the fused all-reduce; first check_gpu_path --triton-decode-check
+#                   Triton split-KV kernel (RADIXSERVE_TRITON_DECODE_MAX_BS=8): TP1 on card 0 (and FlashInfer's
+#                   CUDA-core decode, RADIXSERVE_DECODE_CUDA_CORES=1), and where two GPUs are visible TP2 with
+#                   the fused all-reduce; first check_gpu_path --triton-decode-check
 #   issue4_c        part 3 (~4 min): GPU idle between decode steps at batch 64 (profile_decode), then the same
 #                   architecture through radixserve's model runner and transformers `generate`, batch 1 and 32
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
@@ -208,6 +209,7 @@ for stage in "$@"; do
       tail -n 3 "$RUNS/triton_decode_check.log"; pack
       latency 0 llama_tp1 "$LLAMA"
       RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0 llama_tp1_triton_decode "$LLAMA"
+      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA"
       if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
         latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
         RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0,1 llama_tp2_fused_triton_decode "$LLAMA" --tp-size 2 \
