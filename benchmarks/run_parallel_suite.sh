@@ -37,10 +37,11 @@
 #   issue4_a        the GPU-path issue's targets at one commit, part 1 (~8 min on an H100): batch-1 decode,
 #                   the online run, radix_cost
 #   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
-#   triton_decode_ab  batch-1 decode with FlashInfer's decode kernels, then with decode steps of <= 8 rows on the
-#                   Triton split-KV kernel (RADIXSERVE_TRITON_DECODE_MAX_BS=8): TP1 on card 0 (and FlashInfer's
-#                   CUDA-core decode, RADIXSERVE_DECODE_CUDA_CORES=1), and where two GPUs are visible TP2 with
-#                   the fused all-reduce; first check_gpu_path --triton-decode-check
+#   triton_decode_tp1  check_gpu_path --triton-decode-check, then batch-1 TP1 decode on card 0 with FlashInfer's
+#                   decode kernels, with decode steps of <= 8 rows on the Triton split-KV kernel
+#                   (RADIXSERVE_TRITON_DECODE_MAX_BS=8), and on FlashInfer's CUDA-core decode
+#                   (RADIXSERVE_DECODE_CUDA_CORES=1); ~6 min on a fresh machine (FlashInfer's JIT first)
+#   triton_decode_tp2  batch-1 TP2 with the fused all-reduce, with and without the Triton small decode (two GPUs)
 #   issue4_c        part 3 (~4 min): GPU idle between decode steps at batch 64 (profile_decode), then the same
 #                   architecture through radixserve's model runner and transformers `generate`, batch 1 and 32
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
@@ -203,18 +204,17 @@ for stage in "$@"; do
     issue4_b)
       offline 0 llama_offline_fp8 "$LLAMA" --step-timing --kv-cache-dtype fp8_e4m3
       shared_prefix "on off" "--kv-cache-dtype fp8_e4m3 --step-timing" ;;
-    triton_decode_ab)
+    triton_decode_tp1)
       python3 -m radixserve.benchmarks.check_gpu_path --triton-decode-check \
         --out "$RUNS/triton_decode_check.json" > "$RUNS/triton_decode_check.log" 2>&1
       tail -n 3 "$RUNS/triton_decode_check.log"; pack
       latency 0 llama_tp1 "$LLAMA"
       RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0 llama_tp1_triton_decode "$LLAMA"
-      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA"
-      if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-        latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
-        RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0,1 llama_tp2_fused_triton_decode "$LLAMA" --tp-size 2 \
-          --enable-flashinfer-allreduce-fusion
-      fi ;;
+      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA" ;;
+    triton_decode_tp2)
+      latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
+      RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0,1 llama_tp2_fused_triton_decode "$LLAMA" --tp-size 2 \
+        --enable-flashinfer-allreduce-fusion ;;
     issue4_c)
       job 0 idle_bs64 $BENCH.profile_decode --model-path "$LLAMA" $MODEL --batch-size 64 --input-len 1024 \
         --output-len 256
