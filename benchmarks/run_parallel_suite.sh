@@ -39,8 +39,9 @@
 #   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
 #   triton_decode_tp1  check_gpu_path --triton-decode-check, then batch-1 TP1 decode on card 0 with FlashInfer's
 #                   decode kernels, with decode steps of <= 8 rows on the Triton split-KV kernel
-#                   (RADIXSERVE_TRITON_DECODE_MAX_BS=8), and on FlashInfer's CUDA-core decode
-#                   (RADIXSERVE_DECODE_CUDA_CORES=1); ~6 min on a fresh machine (FlashInfer's JIT first)
+#                   (RADIXSERVE_TRITON_DECODE_MAX_BS=8), on FlashInfer's CUDA-core decode
+#                   (RADIXSERVE_DECODE_CUDA_CORES=1), and with torch's one-block argmax
+#                   (RADIXSERVE_DISABLE_SPLIT_ARGMAX=1); ~8 min on a fresh machine (FlashInfer's JIT first)
 #   triton_decode_tp2  batch-1 TP2 with the fused all-reduce, with and without the Triton small decode (two GPUs)
 #   issue4_c        part 3 (~4 min): GPU idle between decode steps at batch 64 (profile_decode), then the same
 #                   architecture through radixserve's model runner and transformers `generate`, batch 1 and 32
@@ -210,7 +211,8 @@ for stage in "$@"; do
       tail -n 3 "$RUNS/triton_decode_check.log"; pack
       latency 0 llama_tp1 "$LLAMA"
       RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0 llama_tp1_triton_decode "$LLAMA"
-      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA" ;;
+      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA"
+      RADIXSERVE_DISABLE_SPLIT_ARGMAX=1 latency 0 llama_tp1_plain_argmax "$LLAMA" ;;
     triton_decode_tp2)
       latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
       RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0,1 llama_tp2_fused_triton_decode "$LLAMA" --tp-size 2 \

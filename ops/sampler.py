@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from radixserve.ops.argmax import row_argmax
 from radixserve.ops.penalties import PenaltyState, apply_penalties, to_device
 from radixserve.ops.token_bitmask import apply_token_bitmask
 from radixserve.sampling_params import SamplingParams
@@ -173,11 +174,11 @@ class Sampler:
             self._apply_penalties(logits, pen)
 
         if (sp := plan.sampling) is None:
-            tokens = logits.argmax(dim=-1)  # the all-greedy fast path
+            tokens = row_argmax(logits)  # the all-greedy fast path
         elif sp.rows is None:
             tokens = self._sample_probs(logits, sp, output_lens)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = row_argmax(logits)
             sampled = self._sample_probs(logits.index_select(0, sp.rows), sp, output_lens)
             tokens.index_copy_(0, sp.rows, sampled)
 
