@@ -184,8 +184,7 @@ class Ingress:
         if input_ids is not None:
             if len(input_ids) < OFF_LOOP_IDS:
                 ids = valid_token_ids(input_ids, self.limits.vocab_size)
-            else:  # as a text prompt is tokenized: the scheduler runs while a burst of long prompts
-                # is checked
+            else:  # off the loop, as a text prompt is tokenized: the scheduler runs meanwhile
                 ids = await anyio.to_thread.run_sync(valid_token_ids, input_ids, self.limits.vocab_size)
         elif messages is not None:
             if not messages:

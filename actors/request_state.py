@@ -42,8 +42,8 @@ class Req:
         "priority", "status", "row", "slots", "prefix_len", "last_node", "planned_len", "pending_step",
         "pending_row", "inflight", "finish_reason", "matched_stop", "num_reported", "num_final_outputs",
         "cached_tokens", "admitted_once", "prompt_logprobs", "output_logprobs", "prefix_hint", "grammar",
-        "error", "discard_step",
-        "announced", "head_hash", "cache_tried_len", "shared_with_prev", "_prompt_array",
+        "error", "discard_step", "announced", "head_hash", "cache_tried_len", "shared_with_prev",
+        "_prompt_array",
     )
 
     def __init__(
