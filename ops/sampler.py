@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from radixserve.ops.argmax import row_argmax
 from radixserve.ops.penalties import PenaltyState, apply_penalties, to_device
 from radixserve.ops.token_bitmask import apply_token_bitmask
 from radixserve.sampling_params import SamplingParams
@@ -174,11 +173,11 @@ class Sampler:
             self._apply_penalties(logits, pen)
 
         if (sp := plan.sampling) is None:
-            tokens = row_argmax(logits)  # the all-greedy fast path
+            tokens = logits.argmax(dim=-1)  # the all-greedy fast path
         elif sp.rows is None:
             tokens = self._sample_probs(logits, sp, output_lens)
         else:
-            tokens = row_argmax(logits)
+            tokens = logits.argmax(dim=-1)
             sampled = self._sample_probs(logits.index_select(0, sp.rows), sp, output_lens)
             tokens.index_copy_(0, sp.rows, sampled)
 
