@@ -289,37 +289,8 @@ async def decode_speed(engine: Engine, input_len: int, output_len: int) -> dict[
             "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
-def check_weight_prefetch() -> dict[str, bool]:
-    """The skinny GEMM with its weight prefetch (ops/triton_gemv.py) against itself without: bitwise equal
-    (the prefetch touches no value), at the Llama-3.1-8B TP1/TP2 shapes, 1 and 4 rows, in a PDL chain."""
-    import os
-
-    from radixserve.ops.triton_gemv import skinny_matmul
-    from radixserve.ops.triton_launch import DISABLE_PREFETCH_ENV
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    same: dict[str, bool] = {}
-    for n, k in ((6144, 4096), (4096, 4096), (3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168),
-                 (64128, 4096)):
-        w = torch.randn((n, k), generator=gen, device="cuda", dtype=torch.bfloat16) / k**0.5
-        for m in (1, 4):
-            x = torch.randn((m, k), generator=gen, device="cuda", dtype=torch.bfloat16)
-            outs = []
-            for off in ("1", "0"):
-                os.environ[DISABLE_PREFETCH_ENV] = off
-                outs.append(torch.cat([skinny_matmul(x, w), skinny_matmul(x, w)]))  # the 2nd after the 1st
-            same[f"{n}x{k}_m{m}"] = torch.equal(outs[0], outs[1])
-    os.environ.pop(DISABLE_PREFETCH_ENV)
-    return same
-
-
 async def main(args: argparse.Namespace) -> None:
     res: dict[str, object] = {"card": torch.cuda.get_device_name()}
-    if args.prefetch_check:
-        res["weight_prefetch_bitwise_equal"] = same = check_weight_prefetch()
-        finish(res, args.out)
-        assert all(same.values()), "the skinny GEMM's output changes with its weight prefetch"
-        return
     if args.decode_kernels:
         res["fp8_cuda_core_decode_rel_err"] = check_backend(
             [1, 1, 1, 1], [1, 17, 300, 2048], kv_dtype=torch.float8_e4m3fn, decode_tensor_cores=False)
@@ -481,8 +452,6 @@ if __name__ == "__main__":
                         help="Triton cascade decode captured in a CUDA graph (GraphCascade) against eager")
     parser.add_argument("--tune-cascade", action="store_true",
                         help="only the Triton cascade kernels' launch settings (FP8, 64 groups x 16 rows)")
-    parser.add_argument("--prefetch-check", action="store_true",
-                        help="only the skinny GEMM with and without its weight prefetch: bitwise equal")
     parser.add_argument("--decode-kernels", action="store_true",
                         help="only a 128-row FP8 decode step's attention on each decode kernel "
                              "(FlashInfer tensor cores, CUDA cores, Triton)")

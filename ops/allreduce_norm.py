@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from radixserve.errors import UnsupportedFeatureError
-from radixserve.ops.triton_launch import weight_prefetch_enabled
 
 MAX_TOKENS = 2048  # rows the IPC workspace holds: every decode batch, short prefill chunks
 
@@ -42,9 +41,6 @@ class FusedAllReduceRMSNorm:
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.max_tokens = max_tokens
         self.pdl = pdl
-        # Dependents may launch as the kernel starts: a skinny GEMM after it then prefetches its weights
-        # while the all-reduce waits on the other ranks (ops/triton_launch.py). They still wait for its end.
-        self.trigger_at_end = not (pdl and weight_prefetch_enabled(device))
         with torch.cuda.device(device):
             self._ipc_handles, self._workspace = trtllm_ar.trtllm_create_ipc_workspace_for_all_reduce_fusion(
                 rank, world, max_tokens, hidden, group=group)
@@ -63,7 +59,7 @@ class FusedAllReduceRMSNorm:
         self._ar.trtllm_allreduce_fusion(
             allreduce_in=x, world_size=self.world, world_rank=self.rank, token_num=x.shape[0],
             hidden_dim=self.hidden, workspace_ptrs=self._workspace, launch_with_pdl=self.pdl,
-            trigger_completion_at_end=self.trigger_at_end, fp32_acc=True,
+            trigger_completion_at_end=True, fp32_acc=True,
             pattern_code=self._ar.AllReduceFusionPattern.kARResidualRMSNorm, use_oneshot=None,
             allreduce_out=None, residual_in=residual, residual_out=residual_out, norm_out=norm_out,
             quant_out=None, scale_out=None, rms_gamma=weight, rms_eps=eps, scale_factor=None,

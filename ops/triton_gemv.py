@@ -31,10 +31,6 @@ Two kernels, picked by SkinnyConfig.tensor_cores:
 Which of the two wins at M == 1 is for the GPU benchmark (benchmarks/bench_gemv.py) to say; its results fill
 TUNED.
 
-Under PDL (ops/triton_launch.py) each program asks the L2 for the first lines of its W slab before it waits
-for the kernel before it (PREFETCH_BYTES of the weight in all): the weight stream starts while that kernel
-(an all-reduce, a norm, attention) still runs and HBM would otherwise idle.
-
 Launch shapes are host ints and the only allocation is the output (torch.empty): CUDA-graph capturable. Pick
 configs from the static table, never triton.autotune: autotuning during a graph capture would time kernels
 inside the capture.
@@ -52,22 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.ops.triton_launch import (
-    interpreting,
-    pdl_enabled,
-    prefetch_l2,
-    wait_for_predecessor,
-    weight_prefetch_enabled,
-)
+from radixserve.ops.triton_launch import interpreting, pdl_enabled, wait_for_predecessor
 
 MAX_M = 128  # the dot kernel's largest padded batch; larger batches belong to F.linear (a real GEMM)
 SMEM_BYTES = 220 << 10  # what one program's pipelined tiles may take of an H100 SM's 227 KB
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Weight bytes a GEMM asks the L2 for before its PDL wait: about what HBM streams during the ~4 us of the
-# all-reduce or norm before it (4.3 TB/s on an H200), and a third of the L2, so the lines are still there
-# when the loop reaches them.
-PREFETCH_BYTES = 16 << 20
-LINE_BYTES = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,13 +203,6 @@ def pick_config(m: int, n: int, k: int) -> SkinnyConfig:
     return _default_config(m, n, k)
 
 
-def prefetch_lines(n: int, k: int, itemsize: int) -> int:
-    """128-byte lines at the start of each of W's n rows to prefetch: about PREFETCH_BYTES in all, a power of
-    two (a tl.arange), none past a row's end (k elements); 0 where a row holds less than one line."""
-    per_row = min(k * itemsize // LINE_BYTES, PREFETCH_BYTES // (n * LINE_BYTES))
-    return 1 << (per_row.bit_length() - 1) if per_row >= 1 else 0
-
-
 def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
     # An unmeasured guess (one of CANDIDATES, so the benchmark times it): ~4 programs per SM of a 132-SM H100
     # for N = 4096 (block_n = 8 gives 512), 1 KB of each W row per chunk, 2-3 chunks in flight.
@@ -240,27 +218,17 @@ def _default_config(m: int, n: int, k: int) -> SkinnyConfig:
 
 
 @triton.jit
-def _prefetch_slab(W, n0, offs_n, N, stride_wn, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Into the L2: the first LINES lines (LINE elements each) of this program's W rows (past N: the last)."""
-    rows = tl.minimum(n0 + offs_n, N - 1).to(tl.int64)
-    prefetch_l2(W + rows[:, None] * stride_wn + (tl.arange(0, LINES) * LINE)[None, :])
-
-
-@triton.jit
 def _gemv_fma_kernel(
     X, W, Bias, Y,
     N, K,
     stride_wn,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):  # fmt: skip
     """y[0, n] = sum_k x[0, k] * W[n, k]: one row of x on CUDA cores."""
+    wait_for_predecessor(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    if PREFETCH_LINES > 0:  # weights only: no kernel writes them, so before the wait
-        _prefetch_slab(W, n0, offs_n, N, stride_wn, PREFETCH_LINES, LINE)
-    wait_for_predecessor(PDL)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = (n0 + offs_n) < N
     # int64 for the slab's base (N * K passes 2**31 for big vocabularies); offsets within a slab fit int32.
@@ -302,15 +270,12 @@ def _skinny_dot_kernel(
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):  # fmt: skip
     """y[m, n] = sum_k x[m, k] * W[n, k] for m < M <= BLOCK_M, on tensor cores: acc^T = W_slab @ x^T."""
-    n0 = tl.program_id(0) * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    if PREFETCH_LINES > 0:  # as in _gemv_fma_kernel
-        _prefetch_slab(W, n0, offs_n, N, stride_wn, PREFETCH_LINES, LINE)
     wait_for_predecessor(PDL)
+    n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = (n0 + offs_n) < N
@@ -389,8 +354,6 @@ def skinny_matmul(
     even_n, even_k = n % config.block_n == 0, k % config.block_k == 0
     b = bias if bias is not None else y  # a dummy pointer when HAS_BIAS is off
     pdl = pdl_enabled(x.device)
-    lines = prefetch_lines(n, k, weight.element_size()) if weight_prefetch_enabled(x.device) else 0
-    line = LINE_BYTES // weight.element_size()
     if not config.tensor_cores:
         _gemv_fma_kernel[grid](
             x, weight, b, y,
@@ -398,7 +361,6 @@ def skinny_matmul(
             weight.stride(0),
             HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, PDL=pdl,
-            PREFETCH_LINES=lines, LINE=line,
             num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
         )  # fmt: skip
         return y
@@ -412,7 +374,7 @@ def skinny_matmul(
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN_N=even_n, EVEN_K=even_k,
         BLOCK_M=block_m(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        UPCAST=upcast, PRECISION=precision, PDL=pdl, PREFETCH_LINES=lines, LINE=line,
+        UPCAST=upcast, PRECISION=precision, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y

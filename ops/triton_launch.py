@@ -5,22 +5,18 @@ A batch-1 decode step is ~330 small kernels in one CUDA graph, and the GPU idles
 while the next grid is launched. A kernel launched with PDL (`launch_pdl=True`) may be scheduled while the
 kernel before it is still running; it must then execute `griddepcontrol.wait` (Triton's `gdc_wait`) before it
 reads or writes anything another kernel touches, which blocks until the previous grid has completed and its
-writes are visible. Our kernels wait first thing, before any load or store of activations, then let their own
-dependents launch (`gdc_launch_dependents`).
-
-Weights are the exception: no kernel writes them, so a skinny GEMM (ops/triton_gemv.py) asks the L2 for the
-first lines of its weight slab (`prefetch_l2`) before it waits. Its programs are resident while the kernel
-before it runs (an all-reduce, a norm, attention's reduce: latency-bound kernels that leave HBM idle), so
-the weight stream starts microseconds early. The fused all-reduce (ops/allreduce_norm.py) lets its dependents
-launch when it starts rather than when it ends, for the same reason.
+writes are visible. Our kernels wait first thing, before any load or store, then let their own dependents
+launch (`gdc_launch_dependents`): what overlaps is launch and scheduling, never memory traffic. (Session 11
+tried more: the skinny GEMMs asked the L2 for the first 16 MB of their weights before the wait, and the fused
+all-reduce let them launch as it started. Batch-1 decode on H200s got slower, TP1 4.27 -> 4.34 ms a token,
+TP2 2.71 -> 2.81, so it was taken out.)
 
 Safety in a chain mixing PDL and ordinary launches (cuBLAS, torch, FlashInfer's merge): an ordinary launch
 is fully serialized behind its predecessor, and a PDL kernel that waits cannot complete before its own
 predecessor has, so the order of completions is the stream order. The wait sits before every loop: Triton's
 software pipeliner may hoist loads out of a loop above a wait inside it.
 
-RADIXSERVE_DISABLE_PDL=1 turns PDL off, RADIXSERVE_DISABLE_WEIGHT_PREFETCH=1 the weight prefetch and the
-all-reduce's early launch (for A/B measurements).
+RADIXSERVE_DISABLE_PDL=1 turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 DISABLE_ENV = "RADIXSERVE_DISABLE_PDL"
-DISABLE_PREFETCH_ENV = "RADIXSERVE_DISABLE_WEIGHT_PREFETCH"
 
 
 def interpreting() -> bool:
@@ -55,21 +50,6 @@ def pdl_enabled(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability_major(index) >= 9
-
-
-def weight_prefetch_enabled(device: torch.device) -> bool:
-    """Whether kernels launched with PDL on `device` fetch their weights' first lines before they wait."""
-    return pdl_enabled(device) and os.environ.get(DISABLE_PREFETCH_ENV, "0") != "1"
-
-
-@triton.jit
-def prefetch_l2(ptrs):  # type: ignore[no-untyped-def]
-    """Ask the L2 for the 128-byte line holding each pointer of `ptrs`, without waiting for it (no register
-    is filled: nothing to stall on). A hint: the lines may be gone again by the time they are read. Compiled
-    kernels only (PTX)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
 
 
 @triton.jit

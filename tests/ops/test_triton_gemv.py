@@ -173,21 +173,3 @@ def test_larger_batches_only_where_measured(monkeypatch: pytest.MonkeyPatch) -> 
     assert not triton_gemv.faster_than_cublas(x(MAX_M + 1), w)
     monkeypatch.delitem(triton_gemv.TUNED, (4096, 4096))
     assert triton_gemv.faster_than_cublas(x(1), w) and not triton_gemv.faster_than_cublas(x(2), w)
-
-
-@pytest.mark.parametrize(
-    ("n", "k", "itemsize"),
-    [(3072, 4096, 2), (4096, 2048, 2), (14336, 4096, 2), (4096, 7168, 2), (128256, 4096, 2), (8, 32, 2),
-     (4096, 4096, 4), (1 << 20, 4096, 2), (64, 48, 2)],
-)
-def test_prefetch_lines(n: int, k: int, itemsize: int) -> None:
-    """Lines prefetched a W row: a power of two (a tl.arange), within the row, about PREFETCH_BYTES in all
-    (at least half of what fits, never more), checked against a count of every candidate."""
-    lines = triton_gemv.prefetch_lines(n, k, itemsize)
-    row_lines = k * itemsize // triton_gemv.LINE_BYTES
-    fits = [c for c in (1 << i for i in range(20))
-            if c <= row_lines and c * n * triton_gemv.LINE_BYTES <= triton_gemv.PREFETCH_BYTES]
-    assert lines == (max(fits) if fits else 0)
-    if lines:
-        assert 2 * lines * n * triton_gemv.LINE_BYTES > min(row_lines * n * triton_gemv.LINE_BYTES,
-                                                             triton_gemv.PREFETCH_BYTES)
