@@ -27,6 +27,9 @@ from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch, Forwa
 from radixserve.ops.penalties import to_device
 from radixserve.ops.sampler import SampleOutput, Sampler, token_logprobs
 
+# prepare()'s columns that attention reads as int32: seq_lens, extend_lens, extend_starts
+INT32_COLUMNS = frozenset({5, 6, 7})
+
 
 def _arr(buf: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
@@ -44,20 +47,30 @@ def _to_device(columns: tuple[np.ndarray, ...] | np.ndarray, device: torch.devic
     return host.to(device, non_blocking=True)
 
 
-def _columns_to_device(columns: tuple[np.ndarray, ...], device: torch.device) -> list[torch.Tensor]:
-    """Integer arrays as int64 device tensors, in one host->device copy (from pinned memory, as _to_device).
+def _columns_to_device(
+    columns: tuple[np.ndarray, ...], device: torch.device, int32: frozenset[int] = frozenset()
+) -> list[torch.Tensor]:
+    """Integer arrays as device tensors, in one host->device copy (from pinned memory, as _to_device): int64,
+    or int32 for the columns whose positions are in `int32` (two to an int64 of the buffer, viewed as int32
+    on the device: no conversion kernel, each a launch on the step's critical path).
 
     Each column starts 16-byte aligned. Triton specializes a kernel on whether each pointer argument is, so a
     column's alignment must not depend on the lengths packed before it: an odd token count made the rotary
     kernel's positions unaligned and compiled a second variant of it in the middle of a run."""
-    lens = [len(c) for c in columns]
-    offsets = np.cumsum([0] + [n + (n & 1) for n in lens])
+    words = [(len(c) + 1) // 2 if i in int32 else len(c) for i, c in enumerate(columns)]  # int64 words
+    offsets = np.cumsum([0] + [n + (n & 1) for n in words])
     host = torch.empty(int(offsets[-1]), dtype=torch.int64, pin_memory=device.type == "cuda")
-    flat = host.numpy()
-    for col, start, n in zip(columns, offsets, lens, strict=False):
-        flat[start : start + n] = col
+    flat, flat32 = host.numpy(), host.numpy().view(np.int32)
+    for i, (col, start) in enumerate(zip(columns, offsets, strict=False)):
+        if i in int32:
+            flat32[2 * start : 2 * start + len(col)] = col
+        else:
+            flat[start : start + len(col)] = col
     packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
-    return [packed[start : start + n] for start, n in zip(offsets, lens, strict=False)]
+    return [
+        packed[start : start + n].view(torch.int32)[: len(col)] if i in int32 else packed[start : start + n]
+        for i, (col, start, n) in enumerate(zip(columns, offsets, words, strict=False))
+    ]
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -203,12 +216,12 @@ class ModelRunner:
         columns = (_arr(plan.input_ids, "<i4"), positions, _arr(plan.out_slots, "<i4"), req_rows[token_row],
                    req_rows, seq_lens, extend_lens, starts, starts[from_prev], prev_rows[from_prev])
         input_ids, positions_t, out_slots, token_rows, rows_t, seq_t, ext_t, starts_t, prev_at, prev_idx = (
-            _columns_to_device(columns, self.device)
+            _columns_to_device(columns, self.device, int32=INT32_COLUMNS)
         )
         self.table.write(token_rows, positions_t, out_slots)
         attn = AttentionBatch(
-            req_rows=rows_t, seq_lens=seq_t.to(torch.int32), extend_lens=ext_t.to(torch.int32),
-            extend_starts=starts_t.to(torch.int32), out_slots=out_slots, req_to_token=self.table.table,
+            req_rows=rows_t, seq_lens=seq_t, extend_lens=ext_t,
+            extend_starts=starts_t, out_slots=out_slots, req_to_token=self.table.table,
             seq_lens_cpu=tuple(seq_lens.tolist()), extend_lens_cpu=tuple(extend_lens.tolist()),
             is_decode=T == B, shared_lens_cpu=tuple(_arr(plan.shared_lens, "<i4").tolist()),
         )
@@ -258,7 +271,7 @@ class ModelRunner:
         prep, logits, hidden = launched.prep, launched.logits, launched.hidden
         plan, sample_rows, B = prep.plan, prep.sample_rows, prep.attn.num_rows
         req_rows = _arr(plan.req_rows, "<i4")
-        tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
+        tokens: torch.Tensor | None = None
         out = None
         if logits is not None and len(sample_rows):
             output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
@@ -269,7 +282,10 @@ class ModelRunner:
             if len(sample_rows) == B:
                 tokens = out.tokens
             else:
+                tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
                 tokens[_to_device(sample_rows, self.device)] = out.tokens
+        if tokens is None:  # nothing sampled (prompt chunks only): -1 for every row
+            tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
         self.last_tokens = tokens
         prompt_lps = []
         for b, top_k, after in plan.prompt_logprob_rows:

@@ -40,7 +40,13 @@ from radixserve.ops.attention.triton_cascade import (
     cascade_tensors,
     cascade_workspace,
 )
-from radixserve.ops.attention.triton_ops import decode_attention, decode_num_splits, decode_workspace
+from radixserve.ops.attention.triton_ops import (
+    DecodeRotary,
+    decode_attention,
+    decode_counters,
+    decode_num_splits,
+    decode_workspace,
+)
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 from radixserve.ops.kv_dtype import FP8_DTYPES
 from radixserve.ops.triton_launch import pdl_enabled
@@ -54,6 +60,10 @@ CASCADE_KERNELS_ENV = "RADIXSERVE_CASCADE_KERNELS"
 # Decode steps of at most this many rows on the Triton split-KV kernel (see the docstring); unset: 8.
 TRITON_DECODE_MAX_BS_ENV = "RADIXSERVE_TRITON_DECODE_MAX_BS"
 TRITON_DECODE_MAX_BS = 8
+# =1: that decode runs its reduce kernel rather than reducing in the split kernel's last program (A/B)
+TRITON_DECODE_REDUCE_KERNEL_ENV = "RADIXSERVE_TRITON_DECODE_REDUCE_KERNEL"
+# =1: that decode takes q and k rotated by the rotary kernel, rather than rotating them itself (A/B)
+TRITON_DECODE_ROTARY_KERNEL_ENV = "RADIXSERVE_TRITON_DECODE_ROTARY_KERNEL"
 # Its grid: at most 16 splits of at least 64 keys (1,024 keys: 16 programs of one 64-key tile per kv head).
 TRITON_DECODE_MAX_SPLITS = 16
 TRITON_DECODE_MIN_SPLIT_LEN = 64
@@ -184,6 +194,10 @@ class FlashInferAttentionBackend:
         self._triton_decode_graph = False
         self._triton_decode_workspace = decode_workspace(
             triton_decode_max_rows, num_q_heads, head_dim, TRITON_DECODE_MAX_SPLITS, self.device)
+        self._triton_decode_counters = None if os.environ.get(TRITON_DECODE_REDUCE_KERNEL_ENV) == "1" else (
+            decode_counters(triton_decode_max_rows, num_q_heads, num_kv_heads, self.device))
+        head_dim_ok = head_dim >= 32 and not head_dim & (head_dim - 1)  # DecodeRotary's
+        self.rotary_in_triton_decode = head_dim_ok and os.environ.get(TRITON_DECODE_ROTARY_KERNEL_ENV) != "1"
         self._pdl = pdl_enabled(self.device)
         if self.cascade_enabled:
             self._load_cascade_kernels()
@@ -336,6 +350,11 @@ class FlashInferAttentionBackend:
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return KVStore(self.k_buffers[layer_id], self.v_buffers[layer_id], batch.out_slots)
 
+    def rotates_in_decode(self, batch: AttentionBatch) -> bool:
+        """Steps on the Triton decode kernel (this step's, or a CUDA graph's being captured) rotate q and k
+        and store K/V in it (triton_ops.DecodeRotary)."""
+        return self.rotary_in_triton_decode and self._triton_decode is not None and not self._split
+
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -345,9 +364,15 @@ class FlashInferAttentionBackend:
         scale: float,
         batch: AttentionBatch,
         kv_stored: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
         assert scale == self.scale, "the backend was planned with another softmax scale"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if rotary is not None:  # q, k unrotated: the Triton decode kernel rotates them and stores K/V
+            assert self.rotates_in_decode(batch), "rotary given to a step that does not rotate in decode"
+            cos_sin_cache, positions = rotary
+            new = DecodeRotary(k, v, cos_sin_cache, positions, batch.out_slots)
+            return self._triton_decode_attention(q, layer_id, None, new)
         if not kv_stored:
             from radixserve.ops.triton_fused import store_kv
 
@@ -366,18 +391,25 @@ class FlashInferAttentionBackend:
         self.extend_prefill.run(q[d:].contiguous(), kv, out=out[d:])
         return out
 
+    def _triton_decode_attention(
+        self, q: torch.Tensor, layer_id: int, out: torch.Tensor | None, rotary: DecodeRotary | None
+    ) -> torch.Tensor:
+        rows = self._triton_decode
+        assert rows is not None
+        max_len = None if self._triton_decode_graph else max(rows.seq_lens_cpu, default=1)
+        splits = decode_num_splits(rows.num_rows, self.num_q_heads, self.num_kv_heads, self.num_sms,
+                                   TRITON_DECODE_MAX_SPLITS, TRITON_DECODE_MIN_SPLIT_LEN, max_len)
+        return decode_attention(
+            q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
+            rows.seq_lens, self.scale, splits, min_split_len=TRITON_DECODE_MIN_SPLIT_LEN,
+            workspace=self._triton_decode_workspace, out=out, pdl=self._pdl,
+            counters=self._triton_decode_counters, rotary=rotary)
+
     def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer_id: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         """The decode rows' attention, plain or cascade, into `out` (a fresh tensor when None)."""
         if self._triton_decode is not None:
-            rows = self._triton_decode
-            max_len = None if self._triton_decode_graph else max(rows.seq_lens_cpu, default=1)
-            splits = decode_num_splits(rows.num_rows, self.num_q_heads, self.num_kv_heads, self.num_sms,
-                                       TRITON_DECODE_MAX_SPLITS, TRITON_DECODE_MIN_SPLIT_LEN, max_len)
-            return decode_attention(
-                q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
-                rows.seq_lens, self.scale, splits, min_split_len=TRITON_DECODE_MIN_SPLIT_LEN,
-                workspace=self._triton_decode_workspace, out=out, pdl=self._pdl)
+            return self._triton_decode_attention(q, layer_id, out, None)
         if self._triton_cascade is not None:
             tensors, workspace, rows = self._triton_cascade
             return cascade_decode_attention(
