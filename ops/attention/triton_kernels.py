@@ -267,9 +267,9 @@ def _reduce_if_last(
     if ticket == total_splits - 1:
         offs_d = tl.arange(0, BLOCK_D)
         hd_mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-        heads = heads.to(tl.int64)
-        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + heads * stride_ml_h
-        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + heads[:, None] * stride_mo_h + offs_d[None, :]
+        h64 = heads.to(tl.int64)
+        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + h64 * stride_ml_h
+        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + h64[:, None] * stride_mo_h + offs_d[None, :]
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -278,7 +278,7 @@ def _reduce_if_last(
             o = tl.load(mo_ptrs + s * stride_mo_s, mask=hd_mask, other=0.0, cache_modifier=".cg")
             m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse, o)
         out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a row with no keys: 0
-        o_ptrs = Out + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        o_ptrs = Out + b.to(tl.int64) * stride_ot + h64[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=hd_mask)
         tl.atomic_xchg(counter, 0)
 
