@@ -41,8 +41,9 @@ def check_backend(
     """Relative error of FlashInfer against the torch backend in float32 over the same pool contents; with
     `shared`, every row's first `shared` slots are the same (one cached prefix) and the leading decode rows
     must run as cascade attention (in a mixed step, apart from the prompt rows). An FP8 `kv_dtype`: the
-    new K/V must be stored as to_kv rounds them. `rotary` (a step on the Triton decode kernel): q and k go in
-    unrotated and the kernel rotates them (Llama-3.1's rope base), against the rotary kernel's rotation."""
+    new K/V must be stored as to_kv rounds them. `rotary` (a step on the Triton decode kernel): its opt-in
+    fusions, q and k in unrotated, rotated by the kernel (Llama-3.1's rope base) against the rotary kernel's
+    rotation, and the splits reduced in the kernel's last program."""
     torch.manual_seed(0)
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     slots = sum(seq_lens) - shared * (len(seq_lens) - 1) + 1
@@ -73,7 +74,8 @@ def check_backend(
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
                                     decode_tensor_cores=decode_tensor_cores,
-                                    triton_decode_max_rows=triton_decode_max_rows)
+                                    triton_decode_max_rows=triton_decode_max_rows,
+                                    triton_decode_last_reduce=rotary, triton_decode_fuse_rotary=rotary)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     split = decode_rows if 0 < decode_rows < len(seq_lens) else 0

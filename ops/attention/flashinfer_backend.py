@@ -60,10 +60,14 @@ CASCADE_KERNELS_ENV = "RADIXSERVE_CASCADE_KERNELS"
 # Decode steps of at most this many rows on the Triton split-KV kernel (see the docstring); unset: 8.
 TRITON_DECODE_MAX_BS_ENV = "RADIXSERVE_TRITON_DECODE_MAX_BS"
 TRITON_DECODE_MAX_BS = 8
-# =1: that decode runs its reduce kernel rather than reducing in the split kernel's last program (A/B)
-TRITON_DECODE_REDUCE_KERNEL_ENV = "RADIXSERVE_TRITON_DECODE_REDUCE_KERNEL"
-# =1: that decode takes q and k rotated by the rotary kernel, rather than rotating them itself (A/B)
-TRITON_DECODE_ROTARY_KERNEL_ENV = "RADIXSERVE_TRITON_DECODE_ROTARY_KERNEL"
+# Opt-in fusions of that decode (A/B; both slower so far): =1 reduces the splits in the split kernel's last
+# program instead of a reduce kernel (triton_ops.decode_counters), and rotates q and the new k and stores
+# K/V in the split kernel instead of the rotary kernel (triton_ops.DecodeRotary). Session 11, batch-1
+# Llama-3.1-8B on H200s, both on vs off: TP1 4.35 vs 4.23 ms a token, TP2 2.81 vs 2.69; the fused split
+# kernel took 13.6 us a layer against 10 for rotary + split + reduce (its last program folds the 16 splits
+# one dependent L2 load after another, where the reduce kernel loads them all at once).
+TRITON_DECODE_LAST_REDUCE_ENV = "RADIXSERVE_TRITON_DECODE_LAST_REDUCE"
+TRITON_DECODE_FUSE_ROTARY_ENV = "RADIXSERVE_TRITON_DECODE_FUSE_ROTARY"
 # Its grid: at most 16 splits of at least 64 keys (1,024 keys: 16 programs of one 64-key tile per kv head).
 TRITON_DECODE_MAX_SPLITS = 16
 TRITON_DECODE_MIN_SPLIT_LEN = 64
@@ -123,6 +127,9 @@ class FlashInferAttentionBackend:
         cascade_kernels: str | None = None,  # "triton" | "flashinfer"; None: RADIXSERVE_CASCADE_KERNELS, else
         # triton over FP8 pools, flashinfer over 16-bit ones
         triton_decode_max_rows: int | None = None,  # None: RADIXSERVE_TRITON_DECODE_MAX_BS, else 8
+        # the opt-in fusions of that decode (None: their environment variables, else off)
+        triton_decode_last_reduce: bool | None = None,
+        triton_decode_fuse_rotary: bool | None = None,
     ) -> None:
         import flashinfer
 
@@ -194,10 +201,16 @@ class FlashInferAttentionBackend:
         self._triton_decode_graph = False
         self._triton_decode_workspace = decode_workspace(
             triton_decode_max_rows, num_q_heads, head_dim, TRITON_DECODE_MAX_SPLITS, self.device)
-        self._triton_decode_counters = None if os.environ.get(TRITON_DECODE_REDUCE_KERNEL_ENV) == "1" else (
-            decode_counters(triton_decode_max_rows, num_q_heads, num_kv_heads, self.device))
+        if triton_decode_last_reduce is None:
+            triton_decode_last_reduce = os.environ.get(TRITON_DECODE_LAST_REDUCE_ENV) == "1"
+        if triton_decode_fuse_rotary is None:
+            triton_decode_fuse_rotary = os.environ.get(TRITON_DECODE_FUSE_ROTARY_ENV) == "1"
+        self._triton_decode_counters = None
+        if triton_decode_last_reduce:
+            self._triton_decode_counters = decode_counters(
+                triton_decode_max_rows, num_q_heads, num_kv_heads, self.device)
         head_dim_ok = head_dim >= 32 and not head_dim & (head_dim - 1)  # DecodeRotary's
-        self.rotary_in_triton_decode = head_dim_ok and os.environ.get(TRITON_DECODE_ROTARY_KERNEL_ENV) != "1"
+        self.rotary_in_triton_decode = head_dim_ok and triton_decode_fuse_rotary
         self._pdl = pdl_enabled(self.device)
         if self.cascade_enabled:
             self._load_cascade_kernels()

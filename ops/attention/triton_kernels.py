@@ -11,7 +11,9 @@ Decode, two kernels (grid sizes are host ints, so both are CUDA-graph safe):
     stage 2, grid (B, Hq):  out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max)
              or none, with `counters` (an int32 per row and head program, zero between launches): each
              stage-1 program counts itself in with an atomic, and the last of a row's splits folds them
-             (_reduce_if_last). One launch a layer fewer: ~1.4 us of a batch-1 step's 32 layers (H200).
+             (_reduce_if_last). One launch a layer fewer, but slower as it stands (opt-in: the FlashInfer
+             backend's RADIXSERVE_TRITON_DECODE_LAST_REDUCE): that program folds the splits one dependent L2
+             load after another, where stage 2 loads them all at once.
 
     Each row uses min(num_splits, cdiv(seq_len, min_split_len)) of the splits, decided on the device, so short
     rows of a mixed batch are not cut into slivers; unused splits write lse = -inf and weigh nothing.
