@@ -33,8 +33,10 @@ _TINY = torch.finfo(torch.float32).tiny
 _MASK64 = (1 << 64) - 1
 # Sorting all V columns is slower than a top-k for small k; past this k a full sort is as good.
 _MAX_TOPK = 1024
-# =1: greedy rows argmax in torch rather than ops/argmax.py's kernel (A/B)
+# =1: greedy rows argmax in torch rather than ops/argmax.py's kernel (A/B; read at import, which worker
+# processes inherit)
 TORCH_ARGMAX_ENV = "RADIXSERVE_TORCH_ARGMAX"
+_TORCH_ARGMAX = os.environ.get(TORCH_ARGMAX_ENV) == "1"
 
 
 class SampleOutput(NamedTuple):
@@ -362,7 +364,7 @@ class Sampler:
 
 def _greedy(logits: Tensor) -> Tensor:
     """logits.argmax(-1); on CUDA in one Triton kernel (ops/argmax.py; torch's took 30-37 us a 128k row)."""
-    if not logits.is_cuda or os.environ.get(TORCH_ARGMAX_ENV) == "1":
+    if not logits.is_cuda or _TORCH_ARGMAX:
         return logits.argmax(dim=-1)
     from radixserve.ops.argmax import row_argmax  # triton: imported on GPU paths only
 
