@@ -64,8 +64,8 @@ TRITON_DECODE_MAX_BS = 8
 # program instead of a reduce kernel (triton_ops.decode_counters), and rotates q and the new k and stores
 # K/V in the split kernel instead of the rotary kernel (triton_ops.DecodeRotary). Session 11, batch-1
 # Llama-3.1-8B on H200s, both on vs off: TP1 4.35 vs 4.23 ms a token, TP2 2.81 vs 2.69; the fused split
-# kernel took 13.6 us a layer against 10 for rotary + split + reduce (its last program folds the 16 splits
-# one dependent L2 load after another, where the reduce kernel loads them all at once).
+# kernel took 13.6 us a layer against 10 for rotary + split + reduce (its last program folded the 16 splits
+# one dependent L2 load after another; it now loads them at once as the reduce kernel does: not measured).
 TRITON_DECODE_LAST_REDUCE_ENV = "RADIXSERVE_TRITON_DECODE_LAST_REDUCE"
 TRITON_DECODE_FUSE_ROTARY_ENV = "RADIXSERVE_TRITON_DECODE_FUSE_ROTARY"
 # Its grid: at most 16 splits of at least 64 keys (1,024 keys: 16 programs of one 64-key tile per kv head).

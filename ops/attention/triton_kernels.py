@@ -11,9 +11,10 @@ Decode, two kernels (grid sizes are host ints, so both are CUDA-graph safe):
     stage 2, grid (B, Hq):  out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max)
              or none, with `counters` (an int32 per row and head program, zero between launches): each
              stage-1 program counts itself in with an atomic, and the last of a row's splits folds them
-             (_reduce_if_last). One launch a layer fewer, but slower as it stands (opt-in: the FlashInfer
-             backend's RADIXSERVE_TRITON_DECODE_LAST_REDUCE): that program folds the splits one dependent L2
-             load after another, where stage 2 loads them all at once.
+             (_reduce_if_last), all of a head's splits in one load as stage 2 does. One launch a layer
+             fewer; opt-in (the FlashInfer backend's RADIXSERVE_TRITON_DECODE_LAST_REDUCE): a first version,
+             folding the splits one dependent L2 load after another, measured slower (session 11); this one
+             is not measured yet.
 
     Each row uses min(num_splits, cdiv(seq_len, min_split_len)) of the splits, decided on the device, so short
     rows of a mixed batch are not cut into slivers; unused splits write lse = -inf and weigh nothing.
@@ -150,8 +151,8 @@ def _decode_split_kernel(
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, MERGE: tl.constexpr, LAST_REDUCES: tl.constexpr, ROPE: tl.constexpr,
-    SAT: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, LAST_REDUCES: tl.constexpr, BLOCK_S: tl.constexpr,
+    ROPE: tl.constexpr, SAT: tl.constexpr, HEADS_FASTEST: tl.constexpr,
     UPCAST: tl.constexpr, F16: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_predecessor(PDL)
@@ -212,9 +213,9 @@ def _decode_split_kernel(
             head_prog = tl.program_id(0 if HEADS_FASTEST else 1)
             counter = Counters + b * tl.num_programs(0 if HEADS_FASTEST else 1) + head_prog
             _reduce_if_last(
-                MidO, MidLse, Out, counter, b, head0 + offs_h, mask_h, split_base + num_splits,
+                MidO, MidLse, Out, counter, b, head0, num_splits,
                 stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
-                HEAD_DIM, BLOCK_H, BLOCK_D)
+                HEADS, HEAD_DIM, BLOCK_S, BLOCK_D)
 
 
 @triton.jit
@@ -253,12 +254,14 @@ def _rotate_new_token(
 
 @triton.jit
 def _reduce_if_last(
-    MidO, MidLse, Out, counter, b, heads, mask_h, total_splits,
+    MidO, MidLse, Out, counter, b, head0, total_splits,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Count this program's partial in; the program that completes the count (total_splits of them) folds
-    splits 0 .. total_splits-1 of (row b, heads) into Out and re-arms the counter for the next launch.
+    """Count this program's partial in; the program that completes the count (total_splits of them) reduces
+    splits 0 .. total_splits-1 of (row b, q heads head0 .. head0+HEADS-1) into Out as the reduce kernel does
+    (all of a head's splits in one load; the heads unrolled, so their loads are in flight together) and
+    re-arms the counter for the next launch.
 
     Ordering: every thread's partial stores, then a CTA barrier, then one acq_rel atomic at GPU scope (the
     release covers what the barrier ordered before it, as in a cooperative grid sync); the last program's
@@ -267,30 +270,27 @@ def _reduce_if_last(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
     if ticket == total_splits - 1:
+        offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        hd_mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-        h64 = heads.to(tl.int64)
-        lse_ptrs = MidLse + b.to(tl.int64) * stride_ml_b + h64 * stride_ml_h
-        mo_ptrs = MidO + b.to(tl.int64) * stride_mo_b + h64[:, None] * stride_mo_h + offs_d[None, :]
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for s in range(0, total_splits):
-            lse = tl.load(lse_ptrs + s, mask=mask_h, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(mo_ptrs + s * stride_mo_s, mask=hd_mask, other=0.0, cache_modifier=".cg")
-            m_i, l_i, acc = _fold_split(m_i, l_i, acc, lse, o)
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a row with no keys: 0
-        o_ptrs = Out + b.to(tl.int64) * stride_ot + h64[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=hd_mask)
+        mask_s = offs_s < total_splits
+        mask_d = offs_d < HEAD_DIM
+        b64 = b.to(tl.int64)
+        for i in tl.static_range(HEADS):
+            h = (head0 + i).to(tl.int64)
+            lse = tl.load(MidLse + b64 * stride_ml_b + h * stride_ml_h + offs_s, mask=mask_s,
+                          other=float("-inf"), cache_modifier=".cg")
+            o_ptrs = (MidO + b64 * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s
+                      + offs_d[None, :])
+            o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+            m = tl.max(lse, 0)
+            m = tl.where(m == float("-inf"), 0.0, m)  # a row with no keys: output 0
+            w = tl.exp2(lse - m)
+            out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+            out_ptrs = Out + b64 * stride_ot + h * stride_oh + offs_d
+            tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=mask_d)
         tl.atomic_xchg(counter, 0)
 
 
-# Cascade level 0 (ops/attention/cascade.py): the queries of up to BLOCK_M // GROUP rows of one group, every
-# q head of one kv head, against one chunk of the group's shared prefix, each prefix tile loaded once for
-# them all. Blocks [4, stride_blk] int32: first row, rows, the group's first row (whose table row holds the
-# prefix slots), prefix length; BlockCount [1]: how many blocks there are. The programs along axis 1 take the
-# blocks in turn (block pid, pid + programs, ...): eager steps launch one program a block, CUDA graphs a fixed
-# grid for any count (GraphCascade), rather than a program for every block the worst case could have.
 @triton.jit(do_not_specialize=["stride_blk", "num_splits"])
 def _prefix_split_kernel(
     Q, KBuf, VBuf, ReqToToken, ReqRows, Blocks, BlockCount, MidO, MidLse,
