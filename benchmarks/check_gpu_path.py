@@ -30,20 +30,16 @@ from radixserve.ops.attention.flashinfer_backend import FlashInferAttentionBacke
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend
 from radixserve.ops.forward_batch import AttentionBackend, AttentionBatch
 from radixserve.ops.kv_dtype import to_kv
-from radixserve.ops.rotary import RotaryEmbedding
-from radixserve.ops.triton_rotary import apply_rotary_inplace
 
 
 def check_backend(
     extend_lens: list[int], seq_lens: list[int], shared: int = 0, kv_dtype: torch.dtype = torch.bfloat16,
-    decode_tensor_cores: bool = True, triton_decode_max_rows: int = 0, rotary: bool = False,
+    decode_tensor_cores: bool = True, triton_decode_max_rows: int = 0,
 ) -> float:
     """Relative error of FlashInfer against the torch backend in float32 over the same pool contents; with
     `shared`, every row's first `shared` slots are the same (one cached prefix) and the leading decode rows
     must run as cascade attention (in a mixed step, apart from the prompt rows). An FP8 `kv_dtype`: the
-    new K/V must be stored as to_kv rounds them. `rotary` (a step on the Triton decode kernel): its opt-in
-    fusions, q and k in unrotated, rotated by the kernel (Llama-3.1's rope base) against the rotary kernel's
-    rotation, and the splits reduced in the kernel's last program."""
+    new K/V must be stored as to_kv rounds them."""
     torch.manual_seed(0)
     dev, dt, hq, hkv, d = "cuda", torch.bfloat16, 32, 8, 128
     slots = sum(seq_lens) - shared * (len(seq_lens) - 1) + 1
@@ -74,26 +70,15 @@ def check_backend(
     v = torch.randn(t, hkv, d, device=dev, dtype=dt)
     fi = FlashInferAttentionBackend(k_bufs, v_bufs, hq, hkv, d, d**-0.5, dtype=dt,
                                     decode_tensor_cores=decode_tensor_cores,
-                                    triton_decode_max_rows=triton_decode_max_rows,
-                                    triton_decode_last_reduce=rotary, triton_decode_fuse_rotary=rotary)
+                                    triton_decode_max_rows=triton_decode_max_rows)
     fi.prepare(batch)
     assert fi.num_cascade_steps == (1 if shared else 0), "cascade attention did not run"
     split = decode_rows if 0 < decode_rows < len(seq_lens) else 0
     assert fi.split_decode_rows == split, "a mixed step's decode rows must run apart"
-    if rotary:
-        assert fi.rotates_in_decode(batch), "this step does not rotate in the Triton decode kernel"
-        cos_sin = RotaryEmbedding(d, 8192, 500000.0, None, dt).to(dev).cos_sin_cache
-        positions = torch.tensor(seq_lens, device=dev) - 1
-        out = fi.forward(q, k, v, 0, d**-0.5, batch, rotary=(cos_sin, positions)).float()
-        q, k = q.clone(), k.clone()
-        apply_rotary_inplace(positions, q, k, cos_sin)  # what the pool and the reference must hold
-    else:
-        out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
-    # within one FP8 step of torch's rounding (exact for bf16; a bf16 step where the kernel rotated k)
+    out = fi.forward(q, k, v, 0, d**-0.5, batch).float()
+    # within one FP8 step of torch's rounding (exact for bf16)
     fp8 = kv_dtype.itemsize == 1
     rtol, atol = (2 * torch.finfo(kv_dtype).eps, torch.finfo(kv_dtype).smallest_normal) if fp8 else (0, 0)
-    if rotary and not fp8:
-        rtol, atol = 2**-7, 1e-6
     for buf, new in ((k_bufs[0], k), (v_bufs[0], v)):
         torch.testing.assert_close(buf[out_slots].float(), to_kv(new, kv_dtype).float(), rtol=rtol, atol=atol)
     ref_bufs = ([k_bufs[0].float()], [v_bufs[0].float()])  # what the pool holds, new tokens included
@@ -318,9 +303,6 @@ async def main(args: argparse.Namespace) -> None:
             tag = str(kv_dtype).removeprefix("torch.")
             res[f"triton_small_decode_rel_err_{tag}"] = [
                 check_backend([1] * len(lens), lens, kv_dtype=kv_dtype, triton_decode_max_rows=8)
-                for lens in ([1], [1024], [5, 300, 1024, 2049], [7] * 8)]
-            res[f"triton_small_decode_rotary_rel_err_{tag}"] = [
-                check_backend([1] * len(lens), lens, kv_dtype=kv_dtype, triton_decode_max_rows=8, rotary=True)
                 for lens in ([1], [1024], [5, 300, 1024, 2049], [7] * 8)]
             # (FlashInfer's prefill kernel runs the prompt row: a JIT on a fresh card)
             if not args.skip_mixed:

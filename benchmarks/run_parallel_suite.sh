@@ -37,17 +37,10 @@
 #   issue4_a        the GPU-path issue's targets at one commit, part 1 (~8 min on an H100): batch-1 decode,
 #                   the online run, radix_cost
 #   issue4_b        part 2 (~7 min): offline with an FP8 KV cache, the shared-prefix dataset cache on and off
-#   triton_decode_tp1  check_gpu_path --triton-decode-check, then batch-1 TP1 decode on card 0 with FlashInfer's
-#                   decode kernels, with decode steps of <= 8 rows on the Triton split-KV kernel
-#                   (RADIXSERVE_TRITON_DECODE_MAX_BS=8), on FlashInfer's CUDA-core decode
-#                   (RADIXSERVE_DECODE_CUDA_CORES=1), and with torch's one-block argmax
-#                   (RADIXSERVE_DISABLE_SPLIT_ARGMAX=1); ~8 min on a fresh machine (FlashInfer's JIT first)
-#   triton_decode_tp2  batch-1 TP2 with the fused all-reduce, with and without the Triton small decode (two GPUs)
-#   batch1_ab       session 11's A/B, two GPUs (~7 min on a fresh machine, two device calls' worth): the Triton
-#                   small-decode check with its fusions, then batch-1 TP2 (fused all-reduce) and TP1: default,
-#                   torch's argmax (RADIXSERVE_TORCH_ARGMAX=1), the split kernel rotating and reducing itself
-#                   (RADIXSERVE_TRITON_DECODE_FUSE_ROTARY=1 RADIXSERVE_TRITON_DECODE_LAST_REDUCE=1), default
-#                   again; CUDA graphs up to 16 rows (--cuda-graph-max-bs 16: a shorter capture)
+#   batch1_ab       two GPUs (~7 min on a fresh machine): the Triton small-decode check, then batch-1 TP2 (fused
+#                   all-reduce) and TP1: default, with FlashInfer's decode (RADIXSERVE_TRITON_DECODE_MAX_BS=0),
+#                   with torch's argmax (RADIXSERVE_TORCH_ARGMAX=1), default again; CUDA graphs up to 16 rows
+#                   (--cuda-graph-max-bs 16: a shorter capture)
 #   issue4_c        part 3 (~4 min): GPU idle between decode steps at batch 64 (profile_decode), then the same
 #                   architecture through radixserve's model runner and transformers `generate`, batch 1 and 32
 #   offline         Llama offline (the GPU-path issue's random dataset) on card 0
@@ -210,18 +203,6 @@ for stage in "$@"; do
     issue4_b)
       offline 0 llama_offline_fp8 "$LLAMA" --step-timing --kv-cache-dtype fp8_e4m3
       shared_prefix "on off" "--kv-cache-dtype fp8_e4m3 --step-timing" ;;
-    triton_decode_tp1)
-      python3 -m radixserve.benchmarks.check_gpu_path --triton-decode-check \
-        --out "$RUNS/triton_decode_check.json" > "$RUNS/triton_decode_check.log" 2>&1
-      tail -n 3 "$RUNS/triton_decode_check.log"; pack
-      latency 0 llama_tp1 "$LLAMA"
-      RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0 llama_tp1_triton_decode "$LLAMA"
-      RADIXSERVE_DECODE_CUDA_CORES=1 latency 0 llama_tp1_cuda_core_decode "$LLAMA"
-      RADIXSERVE_DISABLE_SPLIT_ARGMAX=1 latency 0 llama_tp1_plain_argmax "$LLAMA" ;;
-    triton_decode_tp2)
-      latency 0,1 llama_tp2_fused "$LLAMA" --tp-size 2 --enable-flashinfer-allreduce-fusion
-      RADIXSERVE_TRITON_DECODE_MAX_BS=8 latency 0,1 llama_tp2_fused_triton_decode "$LLAMA" --tp-size 2 \
-        --enable-flashinfer-allreduce-fusion ;;
     batch1_ab)
       CUDA_VISIBLE_DEVICES=0 timeout "${JOB_TIMEOUT:-1800}" python3 -m radixserve.benchmarks.check_gpu_path \
         --triton-decode-check --skip-mixed --out "$RUNS/triton_decode_check.json" \
@@ -232,8 +213,7 @@ for stage in "$@"; do
         [ $tp = 2 ] && gpus=0,1 && flags="$flags --tp-size 2 --enable-flashinfer-allreduce-fusion"
         latency $gpus llama_tp${tp} "$LLAMA" $flags
         RADIXSERVE_TORCH_ARGMAX=1 latency $gpus llama_tp${tp}_torch_argmax "$LLAMA" $flags
-        RADIXSERVE_TRITON_DECODE_FUSE_ROTARY=1 RADIXSERVE_TRITON_DECODE_LAST_REDUCE=1 \
-          latency $gpus llama_tp${tp}_fused_decode "$LLAMA" $flags
+        RADIXSERVE_TRITON_DECODE_MAX_BS=0 latency $gpus llama_tp${tp}_flashinfer_decode "$LLAMA" $flags
         latency $gpus llama_tp${tp}_again "$LLAMA" $flags
       done ;;
     issue4_c)

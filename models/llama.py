@@ -45,15 +45,10 @@ class LlamaAttention(nn.Module):
             k.view(T, -1, d),
             v.view(T, -1, d),
         )  # [T, heads_local, d], [T, kv_local, d]
-        backend = batch.backend
-        if backend.rotates_in_decode(batch.attn):  # its decode kernel rotates q, k and stores K/V
-            rotary = (self.rotary_emb.cos_sin_cache, positions)
-            o = backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, rotary=rotary)
-        else:
-            kv_store = backend.kv_store(self.layer_id, batch.attn)  # the rotary kernel stores K/V if it may
-            q, k = self.rotary_emb(positions, q, k, v, kv_store)
-            stored = kv_store is not None
-            o = backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=stored)
+        kv_store = batch.backend.kv_store(self.layer_id, batch.attn)  # the rotary kernel stores K/V if it may
+        q, k = self.rotary_emb(positions, q, k, v, kv_store)
+        stored = kv_store is not None
+        o = batch.backend.forward(q, k, v, self.layer_id, self.scale, batch.attn, kv_stored=stored)
         return self.o_proj(o.reshape(T, -1))  # [T, hidden], this rank's partial sum
 
 

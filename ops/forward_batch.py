@@ -96,12 +96,6 @@ class AttentionBackend(Protocol):
         `forward` gets kv_stored=True); None: `forward` stores them."""
         ...
 
-    def rotates_in_decode(self, batch: AttentionBatch) -> bool:
-        """Whether `forward` may take this step's q and k unrotated, with `rotary` = (cos_sin_cache,
-        positions), and rotate them (and store K/V) inside its attention kernel: one kernel a layer fewer.
-        False: the model rotates them first."""
-        ...
-
     def forward(
         self,
         q: torch.Tensor,  # [T, num_q_heads, head_dim]
@@ -111,7 +105,6 @@ class AttentionBackend(Protocol):
         scale: float,
         batch: AttentionBatch,
         kv_stored: bool = False,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # only where rotates_in_decode
     ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
         ...
 

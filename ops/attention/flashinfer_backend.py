@@ -13,7 +13,10 @@ rest of each row on a second decode wrapper, merged per layer; over an FP8 pool,
 rows (RADIXSERVE_TRITON_DECODE_MAX_BS, default 8; 0: none) run radixserve's Triton split-KV decode kernel
 (with PDL, no plan) instead of FlashInfer's: at batch 1, FlashInfer's tensor-core decode is the prefill kernel
 plus a merge, ~10-13 us a layer for 4 MB of K/V (an H200 trace, session 10), against ~1 us of bytes. Batch-1
-decode of Llama-3.1-8B on H200s: TP1 4.39 -> 4.30 ms a token, TP2 2.87 -> 2.73 (session 11).
+decode of Llama-3.1-8B on H200s: TP1 4.39 -> 4.30 ms a token, TP2 2.87 -> 2.73 (session 11). Session 11 also
+fused the rotary kernel (q and the new k rotated, K/V stored by the split program holding the new token) and
+the reduce kernel (the last split program to finish, by an atomic ticket) into the split kernel: slower,
+TP1 4.35 and 4.48 ms (two versions of the reduce) against 4.23, TP2 2.81 against 2.69; taken out.
 
 Workspaces: wrappers planned for the same step need their own. A (`workspace`): plain decode, whole-step
 prefill, cascade level 0 and the CUDA-graph decode wrappers; B: cascade level 1; C: a mixed step's prompts.
@@ -40,13 +43,7 @@ from radixserve.ops.attention.triton_cascade import (
     cascade_tensors,
     cascade_workspace,
 )
-from radixserve.ops.attention.triton_ops import (
-    DecodeRotary,
-    decode_attention,
-    decode_counters,
-    decode_num_splits,
-    decode_workspace,
-)
+from radixserve.ops.attention.triton_ops import decode_attention, decode_num_splits, decode_workspace
 from radixserve.ops.forward_batch import AttentionBatch, KVStore
 from radixserve.ops.kv_dtype import FP8_DTYPES
 from radixserve.ops.triton_launch import pdl_enabled
@@ -60,14 +57,6 @@ CASCADE_KERNELS_ENV = "RADIXSERVE_CASCADE_KERNELS"
 # Decode steps of at most this many rows on the Triton split-KV kernel (see the docstring); unset: 8.
 TRITON_DECODE_MAX_BS_ENV = "RADIXSERVE_TRITON_DECODE_MAX_BS"
 TRITON_DECODE_MAX_BS = 8
-# Opt-in fusions of that decode (A/B; both slower so far): =1 reduces the splits in the split kernel's last
-# program instead of a reduce kernel (triton_ops.decode_counters), and rotates q and the new k and stores
-# K/V in the split kernel instead of the rotary kernel (triton_ops.DecodeRotary). Session 11, batch-1
-# Llama-3.1-8B on H200s, both on vs off: TP1 4.35 vs 4.23 ms a token, TP2 2.81 vs 2.69; the fused split
-# kernel took 13.6 us a layer against 10 for rotary + split + reduce (its last program folded the 16 splits
-# one dependent L2 load after another; it now loads them at once as the reduce kernel does: not measured).
-TRITON_DECODE_LAST_REDUCE_ENV = "RADIXSERVE_TRITON_DECODE_LAST_REDUCE"
-TRITON_DECODE_FUSE_ROTARY_ENV = "RADIXSERVE_TRITON_DECODE_FUSE_ROTARY"
 # Its grid: at most 16 splits of at least 64 keys (1,024 keys: 16 programs of one 64-key tile per kv head).
 TRITON_DECODE_MAX_SPLITS = 16
 TRITON_DECODE_MIN_SPLIT_LEN = 64
@@ -127,9 +116,6 @@ class FlashInferAttentionBackend:
         cascade_kernels: str | None = None,  # "triton" | "flashinfer"; None: RADIXSERVE_CASCADE_KERNELS, else
         # triton over FP8 pools, flashinfer over 16-bit ones
         triton_decode_max_rows: int | None = None,  # None: RADIXSERVE_TRITON_DECODE_MAX_BS, else 8
-        # the opt-in fusions of that decode (None: their environment variables, else off)
-        triton_decode_last_reduce: bool | None = None,
-        triton_decode_fuse_rotary: bool | None = None,
     ) -> None:
         import flashinfer
 
@@ -201,16 +187,6 @@ class FlashInferAttentionBackend:
         self._triton_decode_graph = False
         self._triton_decode_workspace = decode_workspace(
             triton_decode_max_rows, num_q_heads, head_dim, TRITON_DECODE_MAX_SPLITS, self.device)
-        if triton_decode_last_reduce is None:
-            triton_decode_last_reduce = os.environ.get(TRITON_DECODE_LAST_REDUCE_ENV) == "1"
-        if triton_decode_fuse_rotary is None:
-            triton_decode_fuse_rotary = os.environ.get(TRITON_DECODE_FUSE_ROTARY_ENV) == "1"
-        self._triton_decode_counters = None
-        if triton_decode_last_reduce:
-            self._triton_decode_counters = decode_counters(
-                triton_decode_max_rows, num_q_heads, num_kv_heads, self.device)
-        head_dim_ok = head_dim >= 32 and not head_dim & (head_dim - 1)  # DecodeRotary's
-        self.rotary_in_triton_decode = head_dim_ok and triton_decode_fuse_rotary
         self._pdl = pdl_enabled(self.device)
         if self.cascade_enabled:
             self._load_cascade_kernels()
@@ -363,11 +339,6 @@ class FlashInferAttentionBackend:
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return KVStore(self.k_buffers[layer_id], self.v_buffers[layer_id], batch.out_slots)
 
-    def rotates_in_decode(self, batch: AttentionBatch) -> bool:
-        """Steps on the Triton decode kernel (this step's, or a CUDA graph's being captured) rotate q and k
-        and store K/V in it (triton_ops.DecodeRotary)."""
-        return self.rotary_in_triton_decode and self._triton_decode is not None and not self._split
-
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -377,15 +348,9 @@ class FlashInferAttentionBackend:
         scale: float,
         batch: AttentionBatch,
         kv_stored: bool = False,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
         assert scale == self.scale, "the backend was planned with another softmax scale"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
-        if rotary is not None:  # q, k unrotated: the Triton decode kernel rotates them and stores K/V
-            assert self.rotates_in_decode(batch), "rotary given to a step that does not rotate in decode"
-            cos_sin_cache, positions = rotary
-            new = DecodeRotary(k, v, cos_sin_cache, positions, batch.out_slots)
-            return self._triton_decode_attention(q, layer_id, None, new)
         if not kv_stored:
             from radixserve.ops.triton_fused import store_kv
 
@@ -404,25 +369,18 @@ class FlashInferAttentionBackend:
         self.extend_prefill.run(q[d:].contiguous(), kv, out=out[d:])
         return out
 
-    def _triton_decode_attention(
-        self, q: torch.Tensor, layer_id: int, out: torch.Tensor | None, rotary: DecodeRotary | None
-    ) -> torch.Tensor:
-        rows = self._triton_decode
-        assert rows is not None
-        max_len = None if self._triton_decode_graph else max(rows.seq_lens_cpu, default=1)
-        splits = decode_num_splits(rows.num_rows, self.num_q_heads, self.num_kv_heads, self.num_sms,
-                                   TRITON_DECODE_MAX_SPLITS, TRITON_DECODE_MIN_SPLIT_LEN, max_len)
-        return decode_attention(
-            q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
-            rows.seq_lens, self.scale, splits, min_split_len=TRITON_DECODE_MIN_SPLIT_LEN,
-            workspace=self._triton_decode_workspace, out=out, pdl=self._pdl,
-            counters=self._triton_decode_counters, rotary=rotary)
-
     def _attend_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer_id: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         """The decode rows' attention, plain or cascade, into `out` (a fresh tensor when None)."""
         if self._triton_decode is not None:
-            return self._triton_decode_attention(q, layer_id, out, None)
+            rows = self._triton_decode
+            max_len = None if self._triton_decode_graph else max(rows.seq_lens_cpu, default=1)
+            splits = decode_num_splits(rows.num_rows, self.num_q_heads, self.num_kv_heads, self.num_sms,
+                                       TRITON_DECODE_MAX_SPLITS, TRITON_DECODE_MIN_SPLIT_LEN, max_len)
+            return decode_attention(
+                q, self.k_buffers[layer_id], self.v_buffers[layer_id], rows.req_to_token, rows.req_rows,
+                rows.seq_lens, self.scale, splits, min_split_len=TRITON_DECODE_MIN_SPLIT_LEN,
+                workspace=self._triton_decode_workspace, out=out, pdl=self._pdl)
         if self._triton_cascade is not None:
             tensors, workspace, rows = self._triton_cascade
             return cascade_decode_attention(

@@ -37,9 +37,6 @@ class TorchAttentionBackend:
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return None
 
-    def rotates_in_decode(self, batch: AttentionBatch) -> bool:
-        return False
-
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -49,9 +46,7 @@ class TorchAttentionBackend:
         scale: float,
         batch: AttentionBatch,
         kv_stored: bool = False,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
-        assert rotary is None, "this backend never rotates in decode (rotates_in_decode)"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
         assert q.shape[0] == k.shape[0] == v.shape[0] == batch.num_tokens, (
             q.shape,

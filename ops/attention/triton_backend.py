@@ -102,9 +102,6 @@ class TritonAttentionBackend:
     def kv_store(self, layer_id: int, batch: AttentionBatch) -> KVStore | None:
         return None
 
-    def rotates_in_decode(self, batch: AttentionBatch) -> bool:
-        return False
-
     def forward(
         self,
         q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -114,9 +111,7 @@ class TritonAttentionBackend:
         scale: float,
         batch: AttentionBatch,
         kv_stored: bool = False,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, q_heads, head_dim]
-        assert rotary is None, "this backend never rotates in decode (rotates_in_decode)"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
         if not kv_stored:
             store_kv(k, v, k_buf, v_buf, batch.out_slots)

@@ -9,12 +9,6 @@ Decode, two kernels (grid sizes are host ints, so both are CUDA-graph safe):
              head x one chunk of the row's keys. Partial output (already divided by its softmax sum) and its
              log-sum-exp go to the fp32 workspace mid_o [B, Hq, S, d], mid_lse [B, Hq, S].
     stage 2, grid (B, Hq):  out = sum_s exp(lse_s - max) * o_s / sum_s exp(lse_s - max)
-             or none, with `counters` (an int32 per row and head program, zero between launches): each
-             stage-1 program counts itself in with an atomic, and the last of a row's splits folds them
-             (_reduce_if_last), all of a head's splits in one load as stage 2 does. One launch a layer
-             fewer; opt-in (the FlashInfer backend's RADIXSERVE_TRITON_DECODE_LAST_REDUCE): a first version,
-             folding the splits one dependent L2 load after another, measured slower (session 11); this one
-             is not measured yet.
 
     Each row uses min(num_splits, cdiv(seq_len, min_split_len)) of the splits, decided on the device, so short
     rows of a mixed batch are not cut into slivers; unused splits write lse = -inf and weigh nothing.
@@ -44,7 +38,6 @@ import math
 import triton
 import triton.language as tl
 
-from radixserve.ops.triton_fused import cast_to_kv
 from radixserve.ops.triton_launch import wait_for_predecessor
 
 LOG2E = math.log2(math.e)
@@ -142,18 +135,15 @@ def _fold_split(m_i, l_i, acc, lse, o):
 # and the start-up warm-up compiles that variant.
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "split_base"])
 def _decode_split_kernel(
-    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse, Out, Counters,
-    KNew, VNew, CosSin, Pos, Slots,
+    Q, KBuf, VBuf, ReqToToken, ReqRows, SeqLens, KvStarts, MidO, MidLse, Out,
     qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_rt,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
-    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
     num_splits, min_split_len, split_base,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, MERGE: tl.constexpr, LAST_REDUCES: tl.constexpr, BLOCK_S: tl.constexpr,
-    ROPE: tl.constexpr, SAT: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    UPCAST: tl.constexpr, F16: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    HAS_START: tl.constexpr, MERGE: tl.constexpr, HEADS_FASTEST: tl.constexpr, UPCAST: tl.constexpr,
+    F16: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_predecessor(PDL)
     # MERGE (cascade level 1 in one split, num_splits == 1): the row's keys are all in this program, so it
@@ -185,11 +175,6 @@ def _decode_split_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qt + (head0 + offs_h)[:, None] * stride_qh + offs_d[None, :]
     hd_mask = mask_h[:, None] & mask_d[None, :]
     q = tl.load(q_ptrs, mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
-    if ROPE:  # q and the new k unrotated: rotate here, and the program holding the new key stores it
-        q = _rotate_new_token(
-            q, q_ptrs, hd_mask, b, kv_head, start, end, seq_len, KNew, VNew, CosSin, Pos, Slots, KBuf, VBuf,
-            stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, stride_ks, stride_kh, stride_vs,
-            stride_vh, BLOCK_D, SAT)
     q, qk_scale = _query_operand(q, qk_scale, UPCAST, F16)
     m_i, l_i, acc = _attend_keys(
         q, table, start, end, KBuf, VBuf, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, qk_scale,
@@ -209,88 +194,14 @@ def _decode_split_kernel(
         _store_partial(
             MidO, MidLse, b + 0 * offs_h, head0 + offs_h, mask_h, split_base + split, m_i, l_i, acc,
             stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D)
-        if LAST_REDUCES:  # no reduce kernel: the last of the row's split programs to finish folds them all
-            head_prog = tl.program_id(0 if HEADS_FASTEST else 1)
-            counter = Counters + b * tl.num_programs(0 if HEADS_FASTEST else 1) + head_prog
-            _reduce_if_last(
-                MidO, MidLse, Out, counter, b, head0, num_splits,
-                stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
-                HEADS, HEAD_DIM, BLOCK_S, BLOCK_D)
 
 
-@triton.jit
-def _rotate_new_token(
-    q, q_ptrs, hd_mask, b, kv_head, start, end, seq_len, KNew, VNew, CosSin, Pos, Slots, KBuf, VBuf,
-    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, stride_ks, stride_kh, stride_vs, stride_vh,
-    BLOCK_D: tl.constexpr, SAT: tl.constexpr,
-):  # fmt: skip
-    """The rotary embedding of a decode row's new token (neox pairs: element i of the first half of head_dim
-    with element i of the second), as ops/triton_rotary.py applies it, for q [BLOCK_H, BLOCK_D] (loaded from
-    q_ptrs) and, in the one split program whose keys end with the new token (seq_len - 1 in start .. end-1),
-    for the new k: rotated, it and v go into the pool at the row's slot, before any thread of the program
-    reads that slot (the barrier). BLOCK_D == head_dim. Returns q rotated, rounded to its dtype."""
-    HALF: tl.constexpr = BLOCK_D // 2
-    offs_d = tl.arange(0, BLOCK_D)
-    partner = (offs_d + HALF) % BLOCK_D  # the other element of each pair
-    sign = tl.where(offs_d < HALF, 1.0, -1.0)  # x1 cos - x2 sin | x2 cos + x1 sin
-    cs = CosSin + tl.load(Pos + b).to(tl.int64) * stride_cs
-    cos = tl.load(cs + offs_d % HALF).to(tl.float32)
-    sin = tl.load(cs + HALF + offs_d % HALF).to(tl.float32)
-    q_pair = tl.load(q_ptrs - offs_d[None, :] + partner[None, :], mask=hd_mask, other=0.0).to(tl.float32)
-    q = (q.to(tl.float32) * cos[None, :] - sign[None, :] * q_pair * sin[None, :]).to(q.dtype)
-    if (start <= seq_len - 1) & (seq_len - 1 < end):
-        kn = KNew + b.to(tl.int64) * stride_knt + kv_head * stride_knh
-        k = tl.load(kn + offs_d).to(tl.float32)
-        k_pair = tl.load(kn + partner).to(tl.float32)
-        # Rounded to k's dtype first, as the rotary kernel writes the rotated k before the store.
-        k = (k * cos - sign * k_pair * sin).to(KNew.dtype.element_ty)
-        v = tl.load(VNew + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
-        slot = tl.load(Slots + b).to(tl.int64)  # int64: slot * stride passes 2**31 in large pools
-        tl.store(KBuf + slot * stride_ks + kv_head * stride_kh + offs_d, cast_to_kv(k, KBuf, SAT))
-        tl.store(VBuf + slot * stride_vs + kv_head * stride_vh + offs_d, cast_to_kv(v, VBuf, SAT))
-    tl.debug_barrier()  # the stores before any thread's loads of the slot
-    return q
-
-
-@triton.jit
-def _reduce_if_last(
-    MidO, MidLse, Out, counter, b, head0, total_splits,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ot, stride_oh,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Count this program's partial in; the program that completes the count (total_splits of them) reduces
-    splits 0 .. total_splits-1 of (row b, q heads head0 .. head0+HEADS-1) into Out as the reduce kernel does
-    (all of a head's splits in one load; the heads unrolled, so their loads are in flight together) and
-    re-arms the counter for the next launch.
-
-    Ordering: every thread's partial stores, then a CTA barrier, then one acq_rel atomic at GPU scope (the
-    release covers what the barrier ordered before it, as in a cooperative grid sync); the last program's
-    acquire comes before its loads, which bypass L1 (.cg: another kernel's CTA on this SM may have left
-    lines of the workspace there)."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if ticket == total_splits - 1:
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_s = offs_s < total_splits
-        mask_d = offs_d < HEAD_DIM
-        b64 = b.to(tl.int64)
-        for i in tl.static_range(HEADS):
-            h = (head0 + i).to(tl.int64)
-            lse = tl.load(MidLse + b64 * stride_ml_b + h * stride_ml_h + offs_s, mask=mask_s,
-                          other=float("-inf"), cache_modifier=".cg")
-            o_ptrs = (MidO + b64 * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s
-                      + offs_d[None, :])
-            o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-            m = tl.max(lse, 0)
-            m = tl.where(m == float("-inf"), 0.0, m)  # a row with no keys: output 0
-            w = tl.exp2(lse - m)
-            out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-            out_ptrs = Out + b64 * stride_ot + h * stride_oh + offs_d
-            tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=mask_d)
-        tl.atomic_xchg(counter, 0)
-
-
+# Cascade level 0 (ops/attention/cascade.py): the queries of up to BLOCK_M // GROUP rows of one group, every
+# q head of one kv head, against one chunk of the group's shared prefix, each prefix tile loaded once for
+# them all. Blocks [4, stride_blk] int32: first row, rows, the group's first row (whose table row holds the
+# prefix slots), prefix length; BlockCount [1]: how many blocks there are. The programs along axis 1 take the
+# blocks in turn (block pid, pid + programs, ...): eager steps launch one program a block, CUDA graphs a fixed
+# grid for any count (GraphCascade), rather than a program for every block the worst case could have.
 @triton.jit(do_not_specialize=["stride_blk", "num_splits"])
 def _prefix_split_kernel(
     Q, KBuf, VBuf, ReqToToken, ReqRows, Blocks, BlockCount, MidO, MidLse,

@@ -4,8 +4,6 @@ strides, pick block sizes, size the grids from host ints. Nothing here reads a d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 
@@ -17,7 +15,7 @@ from radixserve.ops.attention.triton_kernels import (
     _decode_split_kernel,
     _extend_kernel,
 )
-from radixserve.ops.kv_dtype import FP8_DTYPES, saturation
+from radixserve.ops.kv_dtype import FP8_DTYPES
 from radixserve.ops.triton_launch import interpreting
 
 
@@ -114,34 +112,6 @@ def _check_pool(
             raise ValueError(f"{name} must be contiguous [{b}] int32/int64, got {tuple(t.shape)} {t.dtype}")
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeRotary:
-    """A decode step's new tokens with q and k not yet rotated: the split kernel rotates q, and k before it
-    stores k and v into the pool (one kernel a layer fewer than ops/triton_rotary.py's, then decode)."""
-
-    k: torch.Tensor  # [B, kv_heads, head_dim], unrotated
-    v: torch.Tensor  # [B, kv_heads, head_dim]
-    cos_sin_cache: torch.Tensor  # [max_position, head_dim]: cos of each frequency, then sin (ops/rotary.py)
-    positions: torch.Tensor  # [B]
-    slots: torch.Tensor  # [B]: the new K/V's slots in the pool
-
-    def check(self, q: torch.Tensor, k_buf: torch.Tensor) -> None:
-        rows, _, head_dim = q.shape
-        shape = (rows, k_buf.shape[1], head_dim)
-        if head_dim & (head_dim - 1) or head_dim < 32:
-            raise ValueError(f"rotary in decode needs a power-of-two head_dim >= 32, got {head_dim}")
-        if self.k.shape != shape or self.v.shape != shape or self.k.stride(-1) != 1 or self.v.stride(-1) != 1:
-            raise ValueError(f"new k {tuple(self.k.shape)} and v {tuple(self.v.shape)} must be {shape} with "
-                             "unit last strides")
-        if self.cos_sin_cache.dim() != 2 or self.cos_sin_cache.shape[1] != head_dim or (
-                self.cos_sin_cache.stride(-1) != 1):
-            raise ValueError(f"cos_sin_cache must be [positions, {head_dim}], got "
-                             f"{tuple(self.cos_sin_cache.shape)}")
-        for name, t in (("positions", self.positions), ("slots", self.slots)):
-            if t.shape != (rows,) or not t.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous [{rows}] tensor, got {tuple(t.shape)}")
-
-
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, d]: one query per row, row b at index b
     k_buf: torch.Tensor,  # [num_slots, Hkv, d]
@@ -157,15 +127,11 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int = 64,
     pdl: bool = False,
-    counters: torch.Tensor | None = None,
-    rotary: DecodeRotary | None = None,
 ) -> torch.Tensor:  # [B, Hq, d]
     """Split-KV decode. The grid is (B, head programs, num_splits); a row uses at most
     cdiv(seq_len, min_split_len) of the splits. `workspace` (see decode_workspace) may be larger than needed:
     its split width, not num_splits, fixes the reduce kernel's compiled variant. Writes out and the workspace.
     pdl: both kernels launch with programmatic dependent launch (ops/triton_launch.py).
-    counters (decode_counters): no reduce kernel; the last split program of each row and head group reduces.
-    rotary: q (and the new k) come unrotated; the kernel rotates them and stores the new K/V (DecodeRotary).
     """
     _check_pool(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
     num_rows, num_q_heads, head_dim = q.shape
@@ -183,30 +149,10 @@ def decode_attention(
     if num_rows == 0:
         return out
 
-    if counters is not None:
-        check_counters(counters, num_rows, decode_head_groups(num_q_heads, k_buf.shape[1])[1])
-    reduce_into = out if counters is not None else None
     decode_splits(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, scale, num_splits, 0,
-                  min_split_len, workspace, block_n, pdl=pdl, reduce_into=reduce_into, counters=counters,
-                  rotary=rotary)
-    if counters is None:
-        reduce_splits(workspace, out, num_splits, pdl=pdl)
+                  min_split_len, workspace, block_n, pdl=pdl)
+    reduce_splits(workspace, out, num_splits, pdl=pdl)
     return out
-
-
-def decode_counters(
-    num_rows: int, num_q_heads: int, num_kv_heads: int, device: torch.device | str
-) -> torch.Tensor:
-    """The zeroed int32 counters of decode without a reduce kernel (one per row and head program); every
-    launch leaves them zero again, so one buffer serves every launch and CUDA-graph replay in turn."""
-    return torch.zeros(num_rows * decode_head_groups(num_q_heads, num_kv_heads)[1], dtype=torch.int32,
-                       device=device)
-
-
-def check_counters(counters: torch.Tensor, num_rows: int, head_programs: int) -> None:
-    if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < num_rows * head_programs:
-        raise ValueError(f"counters must be int32 [>= {num_rows * head_programs}] (decode_counters), got "
-                         f"{tuple(counters.shape)} {counters.dtype}")
 
 
 def check_workspace(
@@ -235,52 +181,34 @@ def decode_splits(
     num_splits: int, split_base: int, min_split_len: int, workspace: tuple[torch.Tensor, torch.Tensor],
     block_n: int, num_warps: int = 4, num_stages: int = 2, heads_fastest: bool = False,
     merge_into: torch.Tensor | None = None, fp8_f16: bool | None = None, pdl: bool = False,
-    reduce_into: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-    rotary: DecodeRotary | None = None,
 ) -> None:
     """Stage 1 of decode: row b's keys kv_starts[b] (0 when None) .. seq_lens[b]-1 into workspace splits
     split_base .. split_base + num_splits - 1. Inputs already checked.
 
     merge_into (cascade level 1 in one split): instead, merge the row's keys with workspace splits
-    0 .. split_base-1 (level 0's) and write the output there; no reduce follows.
-    reduce_into with counters (split_base 0): the last program of each row and head group to finish reduces
-    the splits into it; no reduce follows.
-    rotary (plain decode only): rotate q and the new k here, and store the new K/V first (DecodeRotary)."""
+    0 .. split_base-1 (level 0's) and write the output there; no reduce follows."""
     mid_o, mid_lse = workspace
     if merge_into is not None and num_splits != 1:
         raise ValueError(f"merging into the output takes one split per row, not {num_splits}")
-    if (reduce_into is None) != (counters is None) or (counters is not None and (split_base or merge_into)):
-        raise ValueError("reduce_into and counters go together, from split 0, without merge_into")
-    out = merge_into if merge_into is not None else reduce_into if reduce_into is not None else mid_o
-    if rotary is not None:
-        if kv_starts is not None or merge_into is not None or split_base:
-            raise ValueError("rotary in decode takes plain decode rows (no cascade level)")
-        rotary.check(q, k_buf)
-        new = (rotary.k, rotary.v, rotary.cos_sin_cache, rotary.positions, rotary.slots)
-        new_strides = (*rotary.k.stride()[:2], *rotary.v.stride()[:2], rotary.cos_sin_cache.stride(0))
-    else:
-        new, new_strides = (q, q, q, seq_lens, seq_lens), (0, 0, 0, 0, 0)  # never read: ROPE is off
+    out = mid_o if merge_into is None else merge_into  # unused by the kernel when not merging
     heads, head_programs = decode_head_groups(q.shape[1], k_buf.shape[1])
     upcast, f16, precision = _dot_mode(q.dtype, k_buf.dtype, fp8_f16)
     rows = q.shape[0]
     grid = (head_programs, rows, num_splits) if heads_fastest else (rows, head_programs, num_splits)
     _decode_split_kernel[grid](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, seq_lens if kv_starts is None else kv_starts,
-        mid_o, mid_lse, out, mid_lse if counters is None else counters, *new,
+        mid_o, mid_lse, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), *new_strides,
+        out.stride(0), out.stride(1),
         num_splits, min_split_len, split_base,
         GROUP=q.shape[1] // k_buf.shape[1], HEADS=heads, HEAD_DIM=q.shape[2],
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(heads)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(q.shape[2]), HAS_START=kv_starts is not None,
-        MERGE=merge_into is not None, LAST_REDUCES=counters is not None,
-        BLOCK_S=triton.next_power_of_2(mid_o.shape[2]), ROPE=rotary is not None,
-        SAT=saturation(k_buf.dtype), HEADS_FASTEST=heads_fastest,
-        UPCAST=upcast, F16=f16, PRECISION=precision, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
+        MERGE=merge_into is not None, HEADS_FASTEST=heads_fastest, UPCAST=upcast, F16=f16,
+        PRECISION=precision, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 

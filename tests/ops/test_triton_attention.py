@@ -21,17 +21,13 @@ from radixserve.memory.kv_pool import KVCache, ReqToTokenTable  # noqa: E402
 from radixserve.ops.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from radixserve.ops.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from radixserve.ops.attention.triton_ops import (  # noqa: E402
-    DecodeRotary,
     decode_attention,
-    decode_counters,
     decode_workspace,
     extend_attention,
 )
-from radixserve.ops.forward_batch import AttentionBatch, KVStore  # noqa: E402
+from radixserve.ops.forward_batch import AttentionBatch  # noqa: E402
 from radixserve.ops.kv_dtype import to_kv  # noqa: E402
-from radixserve.ops.rotary import RotaryEmbedding  # noqa: E402
 from radixserve.ops.triton_launch import interpreting  # noqa: E402
-from radixserve.ops.triton_rotary import apply_rotary_inplace  # noqa: E402
 
 if interpreting() and not isinstance(triton.language.sum, InterpretedFunction):
     # torch._dynamo (which transformers imports) imports triton; when that came before TRITON_INTERPRET=1,
@@ -238,87 +234,6 @@ def test_decode_kernel_split_counts(num_splits: int, block_n: int) -> None:
         block_n=block_n,
     )
     case.check(out)
-
-
-@pytest.mark.parametrize(("group", "num_splits"), [(4, 1), (4, 5), (1, 16), (2, 3)])
-def test_decode_last_split_reduces(group: int, num_splits: int) -> None:
-    """With counters, no reduce kernel: the last program of each row and head group folds the splits. The
-    output of the reduce kernel, the counters all zero again after each launch (two launches in a row,
-    as two layers would), and bad counters refused."""
-    rows = [(20, 1), (0, 1), (52, 1), (80, 1), (7, 1)]
-    case = Case(rows, group, 64, torch.float32, seed=num_splits + group)
-    case.store_new_tokens()
-    b = case.batch
-    hq, hkv = case.q.shape[1], case.cache.k_buffers[LAYER].shape[1]
-    counters = decode_counters(len(rows) + 3, hq, hkv, DEVICE)  # sized for more rows, as a graph runner's
-    args = (case.q, case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER], b.req_to_token, b.req_rows,
-            b.seq_lens, case.scale, num_splits)
-    reference = decode_attention(*args, block_n=16)
-    for _ in range(2):
-        out = decode_attention(*args, block_n=16, counters=counters)
-        case.check(out)
-        # the same splits folded in a fixed order (another order than the reduce kernel's: not bitwise)
-        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
-        assert not counters.any()
-    with pytest.raises(ValueError, match="counters must be int32"):
-        decode_attention(*args, counters=torch.zeros(3, dtype=torch.int32, device=DEVICE))
-
-
-@pytest.mark.parametrize(
-    ("dtype", "kv_dtype", "group", "num_splits"),
-    [(torch.float32, None, 4, 5), (torch.bfloat16, None, 2, 3), (torch.bfloat16, torch.float8_e4m3fn, 4, 16),
-     (torch.float32, None, 1, 1)],
-)
-def test_decode_rotates_and_stores_the_new_token(
-    dtype: torch.dtype, kv_dtype: torch.dtype | None, group: int, num_splits: int
-) -> None:
-    """rotary=DecodeRotary: q and the new k come unrotated, the split kernel rotates both and stores the new
-    K/V itself. Against the rotary kernel (which stores K/V too) + plain decode: the same pool contents and
-    the same output (with the last program reducing, as the FlashInfer backend runs it)."""
-    rows = [(20, 1), (0, 1), (52, 1), (80, 1), (7, 1)]
-    rotary = RotaryEmbedding(64, MAX_CONTEXT, 10000.0, None, dtype)
-    positions = torch.tensor([p for p, _ in rows], device=DEVICE)  # the new token: at seq_len - 1
-
-    def run(fused: bool) -> tuple[torch.Tensor, Case]:
-        case = Case(rows, group, 64, dtype, seed=3 + num_splits, kv_dtype=kv_dtype)  # new K/V not stored
-        b, layer = case.batch, LAYER
-        args = (case.cache.k_buffers[layer], case.cache.v_buffers[layer], b.req_to_token, b.req_rows,
-                b.seq_lens, case.scale, num_splits)
-        if fused:
-            new = DecodeRotary(case.k, case.v, rotary.cos_sin_cache, positions, b.out_slots)
-            counters = decode_counters(len(rows), case.q.shape[1], KV_HEADS, DEVICE)
-            return decode_attention(case.q, *args, block_n=16, rotary=new, counters=counters), case
-        q, k = case.q.clone(), case.k.clone()  # the rotary kernel rotates in place and stores K/V
-        store = KVStore(case.cache.k_buffers[layer], case.cache.v_buffers[layer], b.out_slots)
-        apply_rotary_inplace(positions, q, k, rotary.cos_sin_cache, case.v, store)
-        return decode_attention(q, *args, block_n=16), case
-
-    (fused, fused_case), (unfused, unfused_case) = run(True), run(False)
-    for bufs in ("k_buffers", "v_buffers"):
-        new_fused = getattr(fused_case.cache, bufs)[LAYER][fused_case.batch.out_slots].float()
-        new_unfused = getattr(unfused_case.cache, bufs)[LAYER][unfused_case.batch.out_slots].float()
-        torch.testing.assert_close(new_fused, new_unfused, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(fused.float(), unfused.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                               atol=1e-5 if dtype == torch.float32 else 2e-2)
-    assert not torch.equal(fused_case.q, fused_case.q * 0)  # q itself left as it came (rotated in registers)
-
-
-def test_decode_rotary_rejects_bad_inputs() -> None:
-    case = Case([(5, 1), (9, 1)], 2, 64, torch.float32, seed=1)
-    b = case.batch
-    rotary = RotaryEmbedding(64, MAX_CONTEXT, 10000.0, None, torch.float32)
-    args = (case.q, case.cache.k_buffers[LAYER], case.cache.v_buffers[LAYER], b.req_to_token, b.req_rows,
-            b.seq_lens, case.scale, 2)
-    positions = b.seq_lens.long() - 1
-    with pytest.raises(ValueError, match="new k"):
-        decode_attention(*args, rotary=DecodeRotary(case.k[:1], case.v, rotary.cos_sin_cache, positions,
-                                                    b.out_slots))
-    with pytest.raises(ValueError, match="cos_sin_cache"):
-        decode_attention(*args, rotary=DecodeRotary(case.k, case.v, rotary.cos_sin_cache[:, :32], positions,
-                                                    b.out_slots))
-    with pytest.raises(ValueError, match="slots"):
-        decode_attention(*args, rotary=DecodeRotary(case.k, case.v, rotary.cos_sin_cache, positions,
-                                                    b.out_slots[:1]))
 
 
 def test_decode_strided_q_and_graph_style_splits() -> None:
