@@ -7,7 +7,8 @@ torch ops (a max per chunk, then over the chunks): four launches, as slow as the
 
 Here one program takes one row and keeps, per lane, the first maximum it has seen and its index (a strict `>`
 never replaces an earlier equal value), with no cross-lane reduction inside the loop; one reduction at the
-end takes the lowest index among the lanes holding the row's maximum. torch's rules:
+end takes the lowest index among the lanes holding the row's maximum: 19 us for that row on an H200 (session
+11; batch-1 decode 0.5-0.7% faster than with torch's), still one SM's latency-bound loop. torch's rules:
 
     a NaN is larger than everything: the first NaN's index wins;
     equal maxima: the first index (-0.0 equals 0.0);
