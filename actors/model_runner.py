@@ -271,7 +271,6 @@ class ModelRunner:
         prep, logits, hidden = launched.prep, launched.logits, launched.hidden
         plan, sample_rows, B = prep.plan, prep.sample_rows, prep.attn.num_rows
         req_rows = _arr(plan.req_rows, "<i4")
-        tokens: torch.Tensor | None = None
         out = None
         if logits is not None and len(sample_rows):
             output_lens = _arr(plan.output_lens, "<i4")[sample_rows].tolist()
@@ -279,13 +278,12 @@ class ModelRunner:
                 logits, req_rows[sample_rows].tolist(), output_lens,
                 self._token_bitmask(plan, sample_rows, bitmask),
             )
-            if len(sample_rows) == B:
-                tokens = out.tokens
-            else:
-                tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
-                tokens[_to_device(sample_rows, self.device)] = out.tokens
-        if tokens is None:  # nothing sampled (prompt chunks only): -1 for every row
+        if out is not None and len(sample_rows) == B:
+            tokens = out.tokens
+        else:  # rows that sample nothing (prompt chunks) get -1
             tokens = torch.full((B,), -1, dtype=torch.int64, device=self.device)
+            if out is not None:
+                tokens[_to_device(sample_rows, self.device)] = out.tokens
         self.last_tokens = tokens
         prompt_lps = []
         for b, top_k, after in plan.prompt_logprob_rows:
